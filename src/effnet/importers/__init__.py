@@ -1,0 +1,1 @@
+"""Readers of foreign weight formats (TensorFlow checkpoints, SavedModels) that need no TensorFlow."""
