@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 ENV_HOME = "EFFNET_HOME"
 ENV_OFFLINE = "EFFNET_OFFLINE"
 ENV_TFHUB_CACHE = "TFHUB_CACHE_DIR"
+# A mirror of TF Hub archives (an internal server, an air-gapped copy): tried first, as <mirror>/<handle>.tar.gz
+ENV_MIRROR = "EFFNET_HUB_MIRROR"
 
 # The largest hub archive (V2-XL classification, ~210M float32 parameters) is under 1 GiB; 4 GiB leaves room
 # while still stopping a runaway or hostile response.
@@ -476,7 +478,7 @@ def resolve_module_dir(record: HubModule, *, progress: bool | None = None) -> Pa
             return target
         raise DownloadError(_manual_download_message(record, target, f"{ENV_OFFLINE} is set"))
     failures = []
-    for url in record.urls:
+    for url in candidate_urls(record):
         try:
             fetched = fetch(url, sha256=record.sha256, dest_name=archive.name, progress=progress)
             _install(record, fetched, target)
@@ -487,6 +489,13 @@ def resolve_module_dir(record: HubModule, *, progress: bool | None = None) -> Pa
         archive.unlink(missing_ok=True)  # the extracted folder is the cache; keeping both doubles the disk use
         return target
     raise DownloadError(_manual_download_message(record, target, "every mirror failed:\n" + "\n".join(failures)))
+
+
+def candidate_urls(record: HubModule) -> tuple[str, ...]:
+    """Where `record`'s archive may be fetched: the user's mirror first, then the upstream locations."""
+    mirror = os.environ.get(ENV_MIRROR, "").strip()
+    own = (f"{mirror.rstrip('/')}/{record.handle}.tar.gz",) if mirror else ()
+    return own + tuple(record.urls)
 
 
 def _archive_name(record: HubModule) -> str:
@@ -525,7 +534,7 @@ def _find_module_root(folder: Path) -> Path | None:
 
 
 def _manual_download_message(record: HubModule, target: Path, reason: str) -> str:
-    mirrors = "\n".join(f"  {url}" for url in record.urls)
+    mirrors = "\n".join(f"  {url}" for url in candidate_urls(record))
     return (
         f"Cannot download the TF Hub module {record.handle} ({reason}).\n"
         f"Fetch the archive (a .tar.gz of the module folder) from one of:\n{mirrors}\n"

