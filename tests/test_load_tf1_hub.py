@@ -18,7 +18,7 @@ from effnet.name_maps import tpu
 from .conditioning import condition, relative_error
 from .conftest import photo_batch, random_batch
 from .tf_reference import nhwc
-from .tpu_reference import efficientnet_tf1, import_hub_015, module_arrays
+from .tpu_reference import efficientnet_tf1, import_hub_015, module_arrays, write_checkpoint
 
 
 @pytest.mark.slow
@@ -69,3 +69,28 @@ def test_tf1_hub_module_b2(tmp_path):
     assert relative_error(logits, reference["default"]) <= 1e-5
     assert relative_error(features, reference["feature_vector"]) <= 1e-5
     np.testing.assert_array_equal(logits.argmax(1), reference["default"].argmax(1))
+    assert loaded.spec.extra["normalization_source"] == "graph constants"
+
+
+@pytest.mark.parametrize("name,scope,size,with_moving_averages", [
+    ("efficientnetv2_b0", "efficientnetv2-b0", 193, True),  # automl training checkpoint: EMA copies, global_step
+    ("efficientnet_lite0", "efficientnet-lite0", 224, False),  # tpu lite
+])
+def test_checkpoint_prefix(name, scope, size, with_moving_averages, tmp_path):
+    """A name-based TF checkpoint (tensorflow/tpu or automl naming) loads from its prefix, matching TF."""
+    arch = architecture(name)
+    images = torch.cat([photo_batch(size), random_batch(2, size, size)])
+    # conditioned weights, in upstream names
+    table = tpu.layers(arch, with_classifier=True, scope=scope)
+    ours = effnet.model.EfficientNet(arch, 1000)
+    condition(ours, images)
+    conditioned = name_maps.from_state_dict(ours.state_dict(), table)
+    features, logits = write_checkpoint(arch, scope, conditioned, str(tmp_path / "model.ckpt"), size, nhwc(images),
+                                        with_moving_averages)
+
+    loaded = effnet.load(tmp_path / "model.ckpt")
+    assert loaded.spec.name == name
+    assert loaded.spec.extra["name_scheme"] == ("automl" if name.startswith("efficientnetv2") else "tpu")
+    with torch.no_grad():
+        assert relative_error(loaded(images).numpy(), logits) <= 1e-5
+        assert relative_error(loaded.feature_vector(images).numpy(), features) <= 1e-5

@@ -16,6 +16,13 @@ import numpy as np
 from effnet.architectures import Architecture
 from effnet.tf_compat import IMAGENET_MEAN, IMAGENET_STD
 
+# Each family's preprocessing on 0-255 pixels, as the originals write it: (mean, std)
+MEAN_STD_255 = {
+    "imagenet_mean_std": ([m * 255 for m in IMAGENET_MEAN], [s * 255 for s in IMAGENET_STD]),  # tpu MEAN_RGB
+    "lite_127_128": ([127.0] * 3, [128.0] * 3),  # tpu lite
+    "minus_one_to_one_128": ([128.0] * 3, [128.0] * 3),  # automl preprocessing.py
+}
+
 
 def import_hub_015():
     """tensorflow-hub 0.15 imports tf.estimator helpers that TF 2.16+ no longer has; the module API needs neither."""
@@ -56,8 +63,8 @@ def efficientnet_tf1(images, arch: Architecture, scope: str, with_classifier: bo
             return tf.nn.batch_normalization(x, mean, var, beta, gamma, 1e-3)
 
     act = tf.nn.relu6 if arch.family.activation == "relu6" else tf.nn.swish
-    x = images * 255.0
-    x = (x - [m * 255 for m in IMAGENET_MEAN]) / [s * 255 for s in IMAGENET_STD]
+    mean, std = MEAN_STD_255[arch.family.normalization]
+    x = (images * 255.0 - mean) / std
     with tf1.variable_scope(scope):
         with tf1.variable_scope("stem"):
             x = act(batch_norm(conv(x, "conv2d", arch.stem_channels, 3, 2), "tpu_batch_normalization"))
@@ -78,6 +85,15 @@ def efficientnet_tf1(images, arch: Architecture, scope: str, with_classifier: bo
                         return "conv2d" + ("" if conv_index == 1 else f"_{conv_index - 1}")
 
                     hidden = block.in_channels * block.expand_ratio
+                    if block.block == "fused_mbconv":  # automl FusedMBConvBlock: k x k conv [+ 1 x 1 project]
+                        width = hidden if block.expand_ratio != 1 else block.out_channels
+                        x = act(batch_norm(conv(x, next_conv(), width, block.kernel_size, block.stride), next_bn()))
+                        if block.expand_ratio != 1:
+                            x = batch_norm(conv(x, next_conv(), block.out_channels, 1, 1), next_bn())
+                        if block.stride == 1 and block.in_channels == block.out_channels:
+                            x = x + inputs
+                        flat += 1
+                        continue
                     if block.expand_ratio != 1:
                         x = act(batch_norm(conv(x, next_conv(), hidden, 1, 1), next_bn()))
                     x = act(batch_norm(depthwise(x, "depthwise_conv2d", block.kernel_size, block.stride), next_bn()))
@@ -100,6 +116,37 @@ def efficientnet_tf1(images, arch: Architecture, scope: str, with_classifier: bo
                     kernel = variable("kernel", [arch.head_channels, num_classes])
                     logits = tf.matmul(features, kernel) + variable("bias", [num_classes], tf1.zeros_initializer())
     return features, logits
+
+
+def write_checkpoint(arch: Architecture, scope: str, conditioned: dict, prefix: str, size: int, images,
+                     with_moving_averages: bool):
+    """A name-based TF checkpoint as the tpu/automl trainers write it (optionally with EMA shadow copies and a
+    global step, as in the published training .tgz files); returns TF's outputs (features, logits) on `images`."""
+    import tensorflow as tf
+    tf1 = tf.compat.v1
+    with tf.Graph().as_default():
+        placeholder = tf1.placeholder(tf.float32, [None, size, size, 3])
+        features, logits = efficientnet_tf1(placeholder, arch, scope, with_classifier=True)
+        model_variables = tf1.global_variables()
+        # the EMA shadow copies hold the published weights; the raw ones differ
+        averages = {v.op.name: tf1.get_variable(v.op.name + "/ExponentialMovingAverage", v.shape)
+                    for v in model_variables} if with_moving_averages else {}
+        global_step = tf1.train.get_or_create_global_step()
+        with tf1.Session() as session:
+            session.run(tf1.global_variables_initializer())
+            for variable in model_variables:
+                name = variable.op.name
+                if with_moving_averages:
+                    averages[name].load(conditioned[name], session)
+                    variable.load(conditioned[name] * 0.5, session)  # wrong on purpose: must not be used
+                else:
+                    variable.load(conditioned[name], session)
+            saved = model_variables + list(averages.values()) + [global_step]
+            tf1.train.Saver(saved).save(session, prefix, write_meta_graph=False)
+            if with_moving_averages:  # TF's outputs with the EMA values, as the exporters restore them
+                for variable in model_variables:
+                    variable.load(conditioned[variable.op.name], session)
+            return session.run([features, logits], {placeholder: images})
 
 
 def module_arrays(module, session) -> dict[str, np.ndarray]:

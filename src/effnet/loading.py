@@ -255,6 +255,14 @@ def load_tensorflow(path: str | Path, architecture_name: str | None = None) -> E
     arrays_for = (lambda table: keras_h5.name_arrays(arrays, table)) if scheme == "keras" else (lambda table: arrays)
     model = _fit(arrays_for, candidates, table_for, source=str(path), ignore=ignore)
     model.spec.extra["name_scheme"] = scheme
+    if scheme != "keras" and Path(path, "saved_model.pb").is_file():
+        # hub modules normalize in-graph; read what this one does rather than assume (automl's is unsettled)
+        from .importers.saved_model import recognize_normalization
+        found = recognize_normalization(path)
+        model.spec.extra["normalization_source"] = "graph constants" if found else "family default"
+        if found and found != model.spec.normalization:
+            model.normalize = InputNormalization(found)
+            model.with_spec(normalization=found)
     if scheme == "model_garden" and model.spec.num_classes:
         # the hub module ends in softmax ("probs"); effnet keeps the logits before it
         model.spec.extra["hub_output"] = "probabilities"

@@ -147,3 +147,25 @@ def graph_constants(saved_model: str | os.PathLike, *, max_elements: int = 64) -
     except _Malformed as error:
         raise CheckpointFormatError(f"{path}: {error}") from None
     return [constant for constant in constants if constant is not None]
+
+
+# Constant patterns of each family's in-graph preprocessing (on 0-255 or on [0, 1] pixels) -> tf_compat name.
+_NORMALIZATION_SIGNS = {
+    "imagenet_mean_std": [(123.675, 116.28, 103.53), (0.485, 0.456, 0.406)],  # tpu / Model Garden MEAN_RGB
+    "lite_127_128": [(127.0, 127.0, 127.0), (127.0,)],  # tpu lite MEAN_RGB = 127 (then / 128)
+    "minus_one_to_one_128": [(128.0, 128.0, 128.0), (128.0,)],  # automl (x - 128) / 128
+}
+
+
+def recognize_normalization(saved_model: str | os.PathLike) -> str | None:
+    """Which family normalization a module's graph applies, judged by its constants; None if none is recognized.
+
+    Checked in table order: mean/std first (its graphs may also hold a 128 elsewhere), then Lite's 127, then 128.
+    """
+    constants = [c.values.ravel() for c in graph_constants(saved_model)
+                 if c.values is not None and c.values.dtype.kind == "f" and 1 <= c.values.size <= 3]
+    for name, signs in _NORMALIZATION_SIGNS.items():
+        for sign in signs:
+            if any(v.size == len(sign) and np.allclose(v, sign, rtol=1e-4) for v in constants):
+                return name
+    return None
