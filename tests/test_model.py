@@ -78,3 +78,10 @@ def test_save_and_load_roundtrip(tmp_path):
     x = random_batch(1, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(x), again(x))
+
+
+def test_list_models_shows_the_hub_catalogue():
+    handles = effnet.list_models("hub")
+    assert len(handles) == 88
+    assert "google/imagenet/efficientnet_v2_imagenet21k_ft1k_m/feature_vector/2" in handles
+    assert "tensorflow/efficientnet/b6/feature-vector/1" in handles

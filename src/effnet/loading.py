@@ -22,8 +22,13 @@ WEIGHTS_FILE = "model.safetensors"
 LABELS_FILE = "labels.txt"
 
 
-def list_models() -> list[str]:
-    """The architecture names `create` accepts."""
+def list_models(kind: str = "architectures") -> list[str]:
+    """The architecture names `create` accepts, or with kind="hub" the TF Hub handles `load` accepts."""
+    if kind == "hub":
+        from .catalogue import list_modules
+        return list_modules()
+    if kind != "architectures":
+        raise ValueError(f"kind must be 'architectures' or 'hub', not {kind!r}")
     return list(SCALING)
 
 
