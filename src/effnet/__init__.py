@@ -5,9 +5,10 @@ Input contract of every model: float RGB images in [0, 1], NCHW, any size; norma
 
 from .errors import CheckpointFormatError, DownloadError, EffnetError, UnknownModelError, WeightsError
 from .loading import create, list_models, load, save
+from .embed import classify, embed  # noqa: E402  (the verbs; `effnet.embed` the module stays importable by path)
 
 __all__ = [
-    "create", "load", "save", "list_models",
+    "create", "load", "save", "list_models", "embed", "classify",
     "EffnetError", "UnknownModelError", "WeightsError", "CheckpointFormatError", "DownloadError",
 ]
 __version__ = "0.1.0"

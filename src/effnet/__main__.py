@@ -1,0 +1,5 @@
+"""`python -m effnet` = the `effnet` command."""
+
+from .cli import main
+
+main()

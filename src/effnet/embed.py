@@ -1,0 +1,173 @@
+"""The library verbs over the batch pipeline: `embed` (feature vectors) and `classify` (top-k labels).
+
+    >>> vectors = effnet.embed(["cat.jpg", "photos/"])               # (N, feature_dim) float32, input order
+    >>> table = effnet.classify("photos/", top_k=5)                  # pyarrow.Table: path, labels, scores ...
+
+Both expand their sources like the CLI (files, folders, globs, manifests, URLs; see `pipeline.sources`), decode
+with the model family's eval preprocessing (see `pipeline.decode`) and run the model in batches. `run` is the one
+function underneath both, and under `effnet embed` / `effnet classify`, which add a resumable file output.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import EffnetError
+from .pipeline import (
+    Batcher,
+    Decoder,
+    EmbeddingColumns,
+    MemorySink,
+    ParquetSink,
+    Report,
+    Runner,
+    Sources,
+    TopKColumns,
+    TorchEngine,
+    recipe_for,
+)
+from .pipeline.sinks import embedding_matrix
+
+DEFAULT_MODEL = "efficientnet_lite0"  # small, fast on CPU, and its trained weights ship as a pip package
+TASKS = ("embed", "classify")
+Sourceish = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+def _load_model(name: str) -> torch.nn.Module:
+    """The one place a model name (or handle, or weights path) becomes a model with weights (CLI and verbs)."""
+    import effnet
+
+    return effnet.load(name)
+
+
+def run(
+    task: str,
+    sources: Sourceish,
+    model: str | torch.nn.Module = DEFAULT_MODEL,
+    *,
+    out: str | os.PathLike | None = None,
+    size: int | None = None,
+    resize: str = "crop",
+    batch_size: int = 16,
+    workers: int | None = None,
+    executor: str = "thread",
+    dtype: str = "float32",
+    top_k: int = 5,
+    path_column: str = "path",
+    shard_rows: int = 1024,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Report:
+    """Run the pipeline. With `out`, rows go to a resumable Parquet (or .npy) file; without, to `Report.result`."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, not {task!r}")
+    network = _load_model(model) if isinstance(model, str) else model
+    spec = network.spec
+    size = size or spec.native_size
+    decoder = Decoder(size, recipe_for(spec.name, spec.family), resize)
+    if task == "embed":
+        columns = EmbeddingColumns(spec.feature_dim, dtype)
+        settings = {"task": task, "dtype": dtype}
+    else:
+        columns = TopKColumns(top_k, spec.num_classes, getattr(network, "labels", None))
+        settings = {"task": task, "top_k": columns.k}
+    settings |= {"model": spec.name, "weights": getattr(spec, "source", None), "size": size, "resize": resize}
+    if out is None:
+        sink = MemorySink(columns, settings)
+    else:
+        sink = ParquetSink(out, columns, settings, shard_rows=shard_rows, overwrite=overwrite)
+    engine = TorchEngine(network, "features" if task == "embed" else "logits")
+    runner = Runner(
+        Sources(sources, path_column),
+        decoder,
+        Batcher(),
+        engine,
+        sink,
+        batch_size=batch_size,
+        workers=workers,
+        executor=executor,
+        progress=progress,
+    )
+    return runner()
+
+
+def embed(
+    sources: Sourceish,
+    model: str | torch.nn.Module = DEFAULT_MODEL,
+    *,
+    size: int | None = None,
+    resize: str = "crop",
+    batch_size: int = 16,
+    workers: int | None = None,
+    errors: str = "raise",
+    as_table: bool = False,
+    progress: bool = False,
+):
+    """Feature vectors of images: (N, feature_dim) float32, one row per input in input order.
+
+    sources: a path, folder, glob, manifest or URL, or a list of them. model: a name (default
+    efficientnet_lite0) or a loaded EfficientNet. errors: "raise" (an EffnetError naming the inputs that
+    failed, after the run) or "keep" (their rows are NaN; with as_table, null with `error` set). as_table:
+    return the Arrow table the CLI writes (path, width, height, embedding, error ...) instead of the array.
+    """
+    if errors not in ("raise", "keep"):
+        raise ValueError(f"errors must be 'raise' or 'keep', not {errors!r}")
+    report = run(
+        "embed", sources, model, size=size, resize=resize, batch_size=batch_size, workers=workers, progress=progress
+    )
+    table = report.result
+    if errors == "raise":
+        _raise_failures(table)
+    if as_table:
+        return table
+    return embedding_matrix(table, table.schema.field("embedding").type.list_size, np.float32)
+
+
+def classify(
+    sources: Sourceish,
+    model: str | torch.nn.Module = DEFAULT_MODEL,
+    *,
+    top_k: int = 5,
+    size: int | None = None,
+    resize: str = "crop",
+    batch_size: int = 16,
+    workers: int | None = None,
+    errors: str = "raise",
+    progress: bool = False,
+):
+    """The top-k classes of images as an Arrow table: path, width, height, labels, indices, scores, error ...
+
+    One row per input, in input order; `scores` are softmax probabilities, best first. errors: "raise" or
+    "keep" (failed inputs keep their row, with `error` set and null results).
+    """
+    if errors not in ("raise", "keep"):
+        raise ValueError(f"errors must be 'raise' or 'keep', not {errors!r}")
+    report = run(
+        "classify",
+        sources,
+        model,
+        top_k=top_k,
+        size=size,
+        resize=resize,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+    )
+    if errors == "raise":
+        _raise_failures(report.result)
+    return report.result
+
+
+def _raise_failures(table) -> None:
+    failed = [(p, e) for p, e in zip(table.column("path").to_pylist(), table.column("error").to_pylist()) if e]
+    if failed:
+        shown = "; ".join(f"{path}: {error}" for path, error in failed[:5])
+        more = f" (and {len(failed) - 5} more)" if len(failed) > 5 else ""
+        raise EffnetError(
+            f"{len(failed)} of {table.num_rows} inputs could not be read: {shown}{more}. "
+            "Pass errors='keep' to get their rows anyway (NaN vectors, null labels, `error` set)."
+        )
