@@ -2,6 +2,7 @@
 
     python benchmarks/embed_folder.py                 # B2 @ 260 and V2-M @ 480, 32 / 8 images
     python benchmarks/embed_folder.py --images 16 --models efficientnet_b2@260 --batch-size 8
+    python benchmarks/embed_folder.py --engine openvino      # effnet's engine stage on OpenVINO (issue 5)
 
 The folder holds realistic camera-sized photos: scikit-image's samples upscaled to 4000x3000 with noise (so
 they compress like photos, ~3-4 MB at quality 90). Both contenders write a Parquet file of embeddings:
@@ -129,6 +130,8 @@ def main() -> None:
     parser.add_argument("--executor", default="thread", choices=["thread", "process"])
     parser.add_argument("--rounds", type=int, default=2, help="alternate effnet and reference; report the best")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--engine", default="torch", help="effnet's engine stage: torch, auto, openvino, onnxruntime ...")
+    parser.add_argument("--precision", default="fp32")
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
     paths = make_folder(arguments.folder, arguments.images)
@@ -152,7 +155,8 @@ def main() -> None:
             fast, slow, report = 0.0, 0.0, None
             for _ in range(arguments.rounds):
                 seconds, this = ours(subset, model, size, arguments.batch_size, Path(scratch) / f"{name}.parquet",
-                                     workers=arguments.workers, executor=arguments.executor)
+                                     workers=arguments.workers, executor=arguments.executor,
+                                     engine=arguments.engine, precision=arguments.precision)
                 if count / seconds > fast:
                     fast, report = count / seconds, this
                 if not arguments.skip_reference:

@@ -172,3 +172,15 @@ def test_killed_run_resumes_to_the_uninterrupted_output(photos, uninterrupted, t
     assert resumed.wait(timeout=120) == 0, resumed.stderr.read().decode()
     assert pq.read_table(out).equals(uninterrupted)
     assert not parts.exists()
+
+
+def test_engine_choice_gives_the_same_answers(tmp_path):
+    """`--engine onnxruntime` (fp32) classifies the bundled photos as the default torch engine does."""
+    photos_dir = Path(__file__).parents[1] / "examples" / "photos"
+    default = invoke("classify", photos_dir, "-k", "3", "-o", tmp_path / "torch.parquet", "-q")
+    onnx = invoke("classify", photos_dir, "-k", "3", "-o", tmp_path / "ort.parquet", "-q", "--engine", "onnxruntime")
+    assert default.exit_code == 0 and onnx.exit_code == 0, onnx.output
+    a, b = pq.read_table(tmp_path / "torch.parquet"), pq.read_table(tmp_path / "ort.parquet")
+    assert a.column("indices").to_pylist() == b.column("indices").to_pylist()
+    np.testing.assert_allclose(np.array(a.column("scores").to_pylist()), np.array(b.column("scores").to_pylist()),
+                               rtol=1e-4, atol=1e-6)

@@ -11,6 +11,7 @@ function underneath both, and under `effnet embed` / `effnet classify`, which ad
 from __future__ import annotations
 
 import os
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -61,6 +62,8 @@ def run(
     shard_rows: int = 1024,
     overwrite: bool = False,
     progress: bool = False,
+    engine: str = "torch",
+    precision: str = "fp32",
 ) -> Report:
     """Run the pipeline. With `out`, rows go to a resumable Parquet (or .npy) file; without, to `Report.result`."""
     if task not in TASKS:
@@ -75,17 +78,25 @@ def run(
     else:
         columns = TopKColumns(top_k, spec.num_classes, getattr(network, "labels", None))
         settings = {"task": task, "top_k": columns.k}
-    settings |= {"model": spec.name, "weights": getattr(spec, "source", None), "size": size, "resize": resize}
+    settings |= {"model": spec.name, "weights": getattr(spec, "source", None), "size": size, "resize": resize,
+                 "precision": precision}
     if out is None:
         sink = MemorySink(columns, settings)
     else:
         sink = ParquetSink(out, columns, settings, shard_rows=shard_rows, overwrite=overwrite)
-    engine = TorchEngine(network, "features" if task == "embed" else "logits")
+    signature = "features" if task == "embed" else "logits"
+    if engine == "torch" and precision == "fp32":
+        run_model = TorchEngine(network, signature)  # eager, channels_last, folded BN: no start-up cost
+    else:
+        from .engines import create_engine
+        run_model = create_engine(network, engine, precision, input_size=(size, size), signature=signature)
+        if progress:
+            print(f"engine: {run_model.description}", file=sys.stderr)
     runner = Runner(
         Sources(sources, path_column),
         decoder,
         Batcher(),
-        engine,
+        run_model,
         sink,
         batch_size=batch_size,
         workers=workers,
@@ -106,6 +117,8 @@ def embed(
     errors: str = "raise",
     as_table: bool = False,
     progress: bool = False,
+    engine: str = "torch",
+    precision: str = "fp32",
 ):
     """Feature vectors of images: (N, feature_dim) float32, one row per input in input order.
 
@@ -117,7 +130,8 @@ def embed(
     if errors not in ("raise", "keep"):
         raise ValueError(f"errors must be 'raise' or 'keep', not {errors!r}")
     report = run(
-        "embed", sources, model, size=size, resize=resize, batch_size=batch_size, workers=workers, progress=progress
+        "embed", sources, model, size=size, resize=resize, batch_size=batch_size, workers=workers, progress=progress,
+        engine=engine, precision=precision,
     )
     table = report.result
     if errors == "raise":
@@ -138,6 +152,8 @@ def classify(
     workers: int | None = None,
     errors: str = "raise",
     progress: bool = False,
+    engine: str = "torch",
+    precision: str = "fp32",
 ):
     """The top-k classes of images as an Arrow table: path, width, height, labels, indices, scores, error ...
 
@@ -156,6 +172,8 @@ def classify(
         batch_size=batch_size,
         workers=workers,
         progress=progress,
+        engine=engine,
+        precision=precision,
     )
     if errors == "raise":
         _raise_failures(report.result)
