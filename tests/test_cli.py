@@ -184,3 +184,10 @@ def test_engine_choice_gives_the_same_answers(tmp_path):
     assert a.column("indices").to_pylist() == b.column("indices").to_pylist()
     np.testing.assert_allclose(np.array(a.column("scores").to_pylist()), np.array(b.column("scores").to_pylist()),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_export_writes_a_verified_onnx_file(tmp_path):
+    result = invoke("export", "efficientnet_lite0", "-o", tmp_path / "lite0.onnx", "--size", "96")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "lite0.onnx").stat().st_size > 1_000_000
+    assert "max rel. error" in result.output and "dynamic" in result.output

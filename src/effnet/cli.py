@@ -182,6 +182,25 @@ def _jsonable(value):
     return value if isinstance(value, (str, int, float, list, dict)) or value is None else str(value)
 
 
+@main.command()
+@click.argument("model")
+@click.option("--format", "file_format", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="OUT.onnx")
+@click.option("--signature", type=click.Choice(["logits", "features"]), default=None,
+              help="The graph's output [default: what the model's forward gives].")
+@click.option("--size", type=click.IntRange(min=1), help="Trace size [default: the model's native size].")
+@click.option("--static-size", is_flag=True, help="Fixed height/width (default: dynamic for flexible-size models).")
+def export(model, file_format, output, signature, size, static_size) -> None:
+    """Write MODEL as ONNX (dynamic batch, dynamic H/W), verified against the PyTorch module on export."""
+    from .embed import _load_model
+    from .export import to_onnx
+    with _errors_as_exit():
+        network = _load_model(model)
+        report = to_onnx(network, output, signature=signature or network.spec.output,
+                         dynamic_size=not static_size, input_size=(size, size) if size else None)
+    click.echo(report.summary())
+
+
 def _register_commands_of_other_modules() -> None:
     """Commands that live beside their library code (the CLI stays a table of commands over library functions)."""
     from .finetune.command import finetune_command
