@@ -15,8 +15,9 @@ Contenders in every row, on the same inputs, in the same process:
 Weights are random and conditioned (tests/conditioning.py) so the error column means something: max relative
 error of each contender's output against eager fp32 NCHW's, on the 4 scikit-image photos (repeated to the batch).
 Timing: every contender is built and called once (warm-up), then all are timed in `--rounds` interleaved rounds
-of `--seconds / rounds` each (at least one call), and the median round counts: a neighbour process that takes
-the CPU for a while slows every contender alike instead of one. A contender whose warm-up call took more than
+of `--seconds / rounds` each (at least one call per round), and the fastest call counts (as `timeit` does):
+other processes only ever slow a call down, and interleaving spreads what they do over every contender.
+On a shared machine the rates still move by +-10-20 % between runs; compare rows within one run. A contender whose warm-up call took more than
 20 s (or twice `--seconds`) is not called again: its warm-up rate is shown (eager B6 @ 528 on 2 AVX2 cores). `auto`'s own selection (timing its
 candidates once, then cached on disk) is reported in the note and not counted in its rate.
 """
@@ -80,14 +81,15 @@ class Contender:
 
     def time_round(self, images: np.ndarray, seconds: float) -> None:
         calls, started = 0, time.perf_counter()
-        while calls == 0 or time.perf_counter() - started < seconds:
+        while calls == 0 or time.perf_counter() - started < seconds:  # at least one call per round
+            call_started = time.perf_counter()
             self.run(images)
+            self.rates.append(len(images) / (time.perf_counter() - call_started))
             calls += 1
-        self.rates.append(calls * len(images) / (time.perf_counter() - started))
 
     def result(self, batch: int) -> Result:
-        if self.rates:  # median over rounds: robust to a neighbour process taking the CPU for a while
-            return Result(self.name, float(np.median(self.rates)), calls=len(self.rates), note=self.note)
+        if self.rates:  # the fastest call: other processes only ever slow a call down (as timeit does)
+            return Result(self.name, max(self.rates), calls=len(self.rates), note=self.note)
         note = "warm-up call only" + (f"; {self.note}" if self.note else "")
         return Result(self.name, batch / self.warm_seconds, calls=1, note=note)
 
@@ -231,7 +233,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", default="b2,b6,v2m", help=f"comma-separated, from {list(ROWS)}")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per contender and row")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds the seconds are split into")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds the seconds are split into")
     parser.add_argument("--quick", action="store_true",
                         help="one round of one call per contender; B6 and V2-M at batch 8 only")
     parser.add_argument("--compile", action="store_true", help="also time torch-compile (compiles for minutes)")

@@ -3,15 +3,15 @@ and with a conditioned B0 (SE blocks, swish), plus auto selection, caching and t
 
 Metric: max|engine - torch fp32| / max|torch fp32| over the 4 photos' outputs; top-1 must be identical.
 Bounds (measured on this project's 2-core AMD EPYC, AVX2 only: no AVX512-BF16/VNNI; margin = bound/measured):
-- fp32, every engine: 1e-5. Measured 2.9e-7 .. 1.1e-6 (>= 9x).
-- bf16 (torch autocast): Lite0 5e-2 (measured 1.7e-2, 3x), conditioned B0 2e-2 (measured 6.1e-3, 3.3x),
-  measured in emulation (this CPU has no bf16 instructions; PyTorch's reference kernels round the same way).
-  Without AVX512-BF16/AMX, torch and OpenVINO refuse bf16 (tested) and only B0 is checked (emulate=True, 128 px:
-  measured 4.9e-3).
-  On CPUs with bf16 both engines are held to these bounds (not measured on such a CPU yet).
+- fp32, every engine: 1e-5. Measured 3.3e-7 .. 8.1e-7 (>= 12x).
+- bf16 (torch autocast): Lite0 5e-2 (measured 1.7e-2, 3x), conditioned B0 2e-2 (measured 5.5e-3 at 192 px and
+  6.9e-3 at 128 px, 2.9x), measured in emulation (this CPU has no bf16 instructions; the reference kernels round
+  the same way). Without AVX512-BF16/AMX, torch and OpenVINO refuse bf16 (tested) and only B0 is checked
+  (emulate=True, 128 px). On CPUs with bf16 both engines are held to these bounds (not yet measured on one).
 - int8 (ONNX Runtime's QDQ, run by ONNX Runtime and by OpenVINO; 7-bit weights on this non-VNNI CPU):
-  Lite0 0.25 (measured 0.12-0.13, 2x), conditioned B0 0.1 (measured 2.4e-2 .. 3.0e-2, 3.3x); calibrated on
-  the same 4 photos, which is what makes 4 images enough.
+  Lite0 0.25 (measured 0.12 / 0.13, 2x), conditioned B0 0.1 (measured 2.3e-2 / 2.2e-2, 4.3x); calibrated on
+  the same 4 photos, which is what makes 4 images enough. B0's weights are seeded: a random classifier's top-1
+  margins are small (4.7 % of the largest logit here), and int8 is checked against those.
 - fp16 runs on CUDA (and CPUs with AVX512-FP16) only; here its refusal is tested.
 onnxruntime and openvino are in the test extras: they are imported, never skipped.
 """
@@ -59,6 +59,7 @@ def effnet_home(tmp_path_factory):
 def models(lite0):
     """key -> (model, photos, fp32 PyTorch logits)."""
     b0_photos = photo_batch(B0_SIZE)
+    torch.manual_seed(0)  # the same random weights every run: their top-1 margins are what int8 is checked on
     b0 = condition(effnet.create("efficientnet_b0"), b0_photos)
     out = {}
     for key, model, photos in (("lite0", lite0, photo_batch(224)), ("b0", b0, b0_photos)):
@@ -110,7 +111,7 @@ def test_torch_bf16(models, key):
         with torch.inference_mode():
             reference = model(photos).numpy()
         ours = engine(photos)
-        assert relative_error(ours, reference) <= BOUNDS[("b0", "bf16")]  # measured 4.9e-3 at 128 px
+        assert relative_error(ours, reference) <= BOUNDS[("b0", "bf16")]  # measured 6.9e-3 at 128 px
         assert (ours.argmax(1) == reference.argmax(1)).all()
 
 

@@ -108,6 +108,7 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, *, signature: str = "logi
     """
     start = time.perf_counter()
     onnx = _require("onnx")
+    _require("onnxscript")  # torch's dynamo exporter writes the graph with it
     spec = model.spec
     notes = []
     if dynamic_size and spec.fixed_size:
@@ -354,7 +355,7 @@ def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
     return float(np.abs(ours - reference).max() / max(np.abs(reference).max(), 1e-30))
 
 
-_EXTRAS = {"onnx": "onnx", "onnxruntime": "onnxruntime", "openvino": "openvino"}
+_EXTRAS = {"onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnxruntime", "openvino": "openvino"}
 
 
 def _require(package: str):

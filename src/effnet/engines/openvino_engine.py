@@ -6,9 +6,9 @@ Why it is fast, and what effnet adds to OpenVINO's defaults (each measured in be
   memory (a few) and in OpenVINO's blob cache on disk (`$EFFNET_HOME/engines/openvino`), so a second run
   loads in a second or two instead of compiling.
 - A batch of N on C cores runs as S = min(C, N) streams, each a separate infer request over N/S images with
-  C/S threads, started together (OpenVINO's THROUGHPUT mode). On 2 cores, batch 8 as 2 x 4 was 1.3-1.5x faster
-  than one request of 8 on 2 threads: each core keeps its own activations in its cache and nothing waits at
-  per-layer barriers. Batch 1 runs as one request in LATENCY mode.
+  C/S threads, started together (OpenVINO's THROUGHPUT mode). On 2 cores, B2 @ 260, batch 8 as 2 x 4 was 1.07x
+  as fast as OpenVINO's defaults on a quiet machine and 1.5x when other processes shared the cores: each core
+  works through its own images and no layer waits for the slower thread. Batch 1 runs as one LATENCY request.
 - Precision is explicit: INFERENCE_PRECISION_HINT is set to what was asked (OpenVINO's CPU default is bf16 on
   CPUs with AVX512-BF16/AMX, i.e. silently not fp32), and read back after compiling: a CPU that cannot run the
   request (bf16 without AVX512-BF16/AMX, where OpenVINO quietly runs f32) is an error, not a silent change.
@@ -33,12 +33,11 @@ def check_precision(precision: str, device: str) -> str | None:
     """None when OpenVINO can run `precision` on `device` as far as the hardware flags tell, else why not."""
     if device != "cpu":  # OpenVINO's "GPU" is Intel graphics, not CUDA
         return "OpenVINO runs on the CPU here, not on NVIDIA GPUs; use engine='torch' for device='cuda'"
-    if device == "cpu":
-        if precision == "bf16" and not machine().native_bf16:
-            return ("bf16 needs AVX512-BF16 or AMX on the CPU and this one has neither (OpenVINO would run f32); "
-                    "use precision='fp32'")
-        if precision == "fp16" and not machine().native_fp16:
-            return "fp16 on CPU needs AVX512-FP16/AMX-FP16 and this CPU has neither; use fp32 (or bf16 where native)"
+    if precision == "bf16" and not machine().native_bf16:
+        return ("bf16 needs AVX512-BF16 or AMX on the CPU and this one has neither (OpenVINO would run f32); "
+                "use precision='fp32'")
+    if precision == "fp16" and not machine().native_fp16:
+        return "fp16 on CPU needs AVX512-FP16/AMX-FP16 and this CPU has neither; use fp32 (or bf16 where native)"
     return None
 
 
