@@ -92,13 +92,13 @@ def reference(paths: list[Path], model: torch.nn.Module, size: int, batch_size: 
 
 def engine_speed(model: torch.nn.Module, size: int, batch_size: int, repeats: int = 3) -> dict[str, float]:
     """Images/s of the engine stage alone on random input, best of `repeats`, for each engine variant."""
-    from effnet.pipeline import TorchEngine
+    from effnet.engines.torch_engines import TorchEngine
 
     images = torch.rand(batch_size, 3, size, size)
     variants = {
-        "eager NCHW (reference)": TorchEngine(model, channels_last=False, fold_batch_norm=False),
-        "eager channels_last": TorchEngine(model, fold_batch_norm=False),
-        "eager channels_last + folded BN (effnet)": TorchEngine(model),
+        "eager NCHW (reference)": TorchEngine(model, signature="features", channels_last=False, fold_batch_norm=False),
+        "eager channels_last": TorchEngine(model, signature="features", fold_batch_norm=False),
+        "eager channels_last + folded BN (effnet)": TorchEngine(model, signature="features"),
     }
     for module in list(variants.values())[0].model.modules():  # the reference keeps PyTorch's defaults
         if hasattr(module, "inplace"):

@@ -28,6 +28,7 @@ import torch
 
 import effnet
 import effnet.engines as engines
+from effnet.engines import auto
 from effnet.engines import EngineUnavailableError, create_engine, machine
 from effnet.export import relative_error
 
@@ -151,12 +152,16 @@ def test_int8_needs_calibration_images(models):
 
 
 # ----------------------------------------------------------------------------------------- shapes, batches
-@pytest.mark.parametrize("name", ["onnxruntime", "openvino"])
-def test_any_size_and_batch_chunking(models, name):
-    """A batch larger than batch_size is chunked (and OpenVINO pads the short last chunk); odd sizes work."""
+@pytest.mark.parametrize("run_images", [None, 2])
+@pytest.mark.parametrize("name", ["torch", "onnxruntime", "openvino"])
+def test_any_size_and_batch_chunking(models, name, run_images):
+    """A batch larger than batch_size is chunked, each chunk split over the cores in runs of `run_images` (and
+    OpenVINO pads a short last request); odd sizes work."""
     model = models["lite0"][0]
-    engine = create_engine(model, name, "fp32", input_size=(224, 224), batch_size=3)
-    for images in (torch.cat([models["lite0"][1]] * 2), photo_batch(227, 199)[:3]):  # 8 = 3 + 3 + 2
+    engine = create_engine(model, name, "fp32", input_size=(224, 224), batch_size=5, run_images=run_images)
+    assert engine.run_images == run_images or run_images is None
+    # 8 = 5 + 3; with runs of 2 on 2 cores: 5 = (2 + 1) + 2 and 3 = 2 + 1
+    for images in (torch.cat([models["lite0"][1]] * 2), photo_batch(227, 199)[:3]):
         with torch.inference_mode():
             reference = model(images).numpy()
         ours = engine(images.numpy())
@@ -182,6 +187,28 @@ def test_auto_picks_a_timed_engine_says_so_and_caches_the_decision(models):
     check(engine, "lite0", models, FP32)
     again = create_engine(model, "auto", "fp32", input_size=(224, 224), batch_size=4)
     assert again.name == engine.name and "cached timings" in again.description
+
+
+def test_auto_runs_a_small_job_on_eager_torch_until_a_decision_is_cached(models):
+    model, size = models["lite0"][0], (160, 160)  # a size no other test times, so nothing is cached for it
+    few = auto.MIN_IMAGES_TO_TIME - 1
+    small = create_engine(model, "auto", "fp32", input_size=size, batch_size=4, job_images=few)
+    assert small.name == "torch" and small.precision == "fp32"
+    assert f"not timed: {few} images to run" in small.description
+    timed = create_engine(model, "auto", "fp32", input_size=size, batch_size=4, job_images=auto.MIN_IMAGES_TO_TIME)
+    assert "picked by timing" in timed.description
+    again = create_engine(model, "auto", "fp32", input_size=size, batch_size=4, job_images=1)
+    assert again.name == timed.name and "cached timings" in again.description  # once timed, even one image uses it
+
+
+def test_torch_engine_folds_batch_norm_in_its_own_copy(models):
+    model, photos, reference = models["b0"]
+    engine = create_engine(model, "torch", "fp32")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in engine.model.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) > 40  # the caller's model is untouched
+    with torch.inference_mode():
+        assert np.array_equal(model(photos).numpy(), reference)
+    assert relative_error(engine(photos), reference) <= FP32
 
 
 def test_auto_precision_states_its_measured_error(models):

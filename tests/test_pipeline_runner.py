@@ -9,7 +9,8 @@ import torch
 import effnet
 from effnet.embed import classify, embed, run
 from effnet.errors import EffnetError
-from effnet.pipeline import Batcher, Decoder, MemorySink, EmbeddingColumns, Runner, Sources, TorchEngine, recipe_for
+from effnet.engines.torch_engines import TorchEngine
+from effnet.pipeline import Batcher, Decoder, MemorySink, EmbeddingColumns, Runner, Sources, recipe_for
 from effnet.pipeline.batch import to_tensor
 
 from .test_pipeline_corpus import BAD, GOOD, build_corpus
@@ -91,7 +92,7 @@ def test_library_raises_on_failures_unless_asked_not_to(corpus, model):
 
 def test_runner_records_time_per_stage(corpus, model):
     sink = MemorySink(EmbeddingColumns(1280), {})
-    report = Runner(Sources([str(corpus["chelsea.jpg"])]), Decoder(224), Batcher(), TorchEngine(model), sink,
+    report = Runner(Sources([str(corpus["chelsea.jpg"])]), Decoder(224), Batcher(), TorchEngine(model, signature="features"), sink,
                     progress=False)()
     assert {"source", "decode", "batch", "engine", "sink"} <= set(report.stages)
     assert all(seconds >= 0 for seconds in report.stages.values()) and report.stages["engine"] > 0

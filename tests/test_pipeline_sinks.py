@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from effnet.errors import EffnetError
-from effnet.pipeline import Batcher, Decoder, EmbeddingColumns, MemorySink, ParquetSink, Runner, Sources, TopKColumns
+from effnet.pipeline import (Batcher, Decoder, EmbeddingColumns, JobSizedEngine, MemorySink, ParquetSink, Runner, Sources,
+                             TopKColumns)
 from effnet.pipeline.decode import recipe_for
 
 from .test_pipeline_corpus import build_corpus
@@ -103,6 +104,23 @@ def test_rerun_of_a_finished_run_does_nothing_and_new_or_changed_files_are_added
     fresh = tmp_path / "fresh.parquet"
     run([str(folder)], fresh)
     assert table.equals(pq.read_table(fresh))
+
+
+def test_job_sized_engine_is_chosen_for_what_is_left_and_not_at_all_when_nothing_is(corpus, tmp_path):
+    """engine="auto" sizes its choice by the job: the runner tells it how many inputs remain after resuming."""
+    sources = [str(corpus[name]) for name in ("chelsea.jpg", "coffee.png", "rocket.png")]
+    out, asked = tmp_path / "out.parquet", []
+
+    def choose(count):
+        asked.append(count)
+        return fake_engine
+
+    run(sources[:2], out, engine=JobSizedEngine(choose))
+    assert asked == [2]
+    run(sources, out, engine=JobSizedEngine(choose))
+    assert asked == [2, 1]  # two resumed, one to run
+    assert run(sources, out, engine=JobSizedEngine(choose)).processed == 0
+    assert asked == [2, 1]  # a finished job builds no engine
 
 
 def test_other_settings_are_refused_not_mixed(corpus, tmp_path):

@@ -45,9 +45,10 @@ def _pipeline_options(command):
         click.option("--executor", type=click.Choice(["thread", "process"]), default="thread", show_default=True,
                      help="Decode in threads (Pillow releases the GIL) or processes."),
         click.option("--threads", type=click.IntRange(min=1), help="PyTorch intra-op threads [default: PyTorch's, the physical cores]."),
-        click.option("--engine", type=click.Choice(["torch", "auto", "torch-compile", "onnxruntime", "openvino"]),
-                     default="torch", show_default=True,
-                     help="What runs the model; auto times the installed engines and keeps the fastest (see docs/engines.md)."),
+        click.option("--engine", type=click.Choice(["auto", "torch", "torch-compile", "onnxruntime", "openvino"]),
+                     default="auto", show_default=True,
+                     help="What runs the model. auto: eager torch for under 200 images; for more, it times the "
+                          "installed engines once (cached) and keeps the fastest. See docs/engines.md."),
         click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "int8", "auto"]), default="fp32",
                      show_default=True, help="auto admits a reduced precision only with its measured error stated."),
         click.option("--path-column", default="path", show_default=True, help="Column of paths in CSV/Parquet manifests."),

@@ -22,13 +22,13 @@ from .pipeline import (
     Batcher,
     Decoder,
     EmbeddingColumns,
+    JobSizedEngine,
     MemorySink,
     ParquetSink,
     Report,
     Runner,
     Sources,
     TopKColumns,
-    TorchEngine,
     recipe_for,
 )
 from .pipeline.sinks import embedding_matrix
@@ -62,7 +62,7 @@ def run(
     shard_rows: int = 1024,
     overwrite: bool = False,
     progress: bool = False,
-    engine: str = "torch",
+    engine: str = "auto",
     precision: str = "fp32",
 ) -> Report:
     """Run the pipeline. With `out`, rows go to a resumable Parquet (or .npy) file; without, to `Report.result`."""
@@ -85,18 +85,21 @@ def run(
     else:
         sink = ParquetSink(out, columns, settings, shard_rows=shard_rows, overwrite=overwrite)
     signature = "features" if task == "embed" else "logits"
-    if engine == "torch" and precision == "fp32":
-        run_model = TorchEngine(network, signature)  # eager, channels_last, folded BN: no start-up cost
-    else:
+
+    def engine_for_job(images: int):
         from .engines import create_engine
-        run_model = create_engine(network, engine, precision, input_size=(size, size), signature=signature)
+
+        chosen = create_engine(network, engine, precision, input_size=(size, size), signature=signature,
+                               job_images=images if engine == "auto" else None)
         if progress:
-            print(f"engine: {run_model.description}", file=sys.stderr)
+            print(f"engine: {chosen.description}", file=sys.stderr)
+        return chosen
+
     runner = Runner(
         Sources(sources, path_column),
         decoder,
         Batcher(),
-        run_model,
+        JobSizedEngine(engine_for_job),
         sink,
         batch_size=batch_size,
         workers=workers,
@@ -117,7 +120,7 @@ def embed(
     errors: str = "raise",
     as_table: bool = False,
     progress: bool = False,
-    engine: str = "torch",
+    engine: str = "auto",
     precision: str = "fp32",
 ):
     """Feature vectors of images: (N, feature_dim) float32, one row per input in input order.
@@ -126,6 +129,8 @@ def embed(
     efficientnet_lite0) or a loaded EfficientNet. errors: "raise" (an EffnetError naming the inputs that
     failed, after the run) or "keep" (their rows are NaN; with as_table, null with `error` set). as_table:
     return the Arrow table the CLI writes (path, width, height, embedding, error ...) instead of the array.
+    engine, precision: see `effnet.engines.create_engine`; "auto" runs a small job on eager torch and times the
+    installed engines for a large one (once, then cached).
     """
     if errors not in ("raise", "keep"):
         raise ValueError(f"errors must be 'raise' or 'keep', not {errors!r}")
@@ -152,7 +157,7 @@ def classify(
     workers: int | None = None,
     errors: str = "raise",
     progress: bool = False,
-    engine: str = "torch",
+    engine: str = "auto",
     precision: str = "fp32",
 ):
     """The top-k classes of images as an Arrow table: path, width, height, labels, indices, scores, error ...

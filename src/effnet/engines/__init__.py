@@ -47,7 +47,7 @@ def available_engines() -> list[str]:
 def create_engine(model, engine: str = "auto", precision: str = "fp32", device: str = "cpu", *,
                   input_size: tuple[int, int] | None = None, batch_size: int | None = None,
                   signature: str | None = None, calibration=None, max_error: float | None = None,
-                  **options) -> Engine:
+                  job_images: int | None = None, **options) -> Engine:
     """An engine that runs `model` (an effnet EfficientNet) on float32 NCHW batches in [0, 1].
 
     engine: "auto" (time the candidates, keep the fastest; see auto.py) or one of ENGINES.
@@ -57,6 +57,8 @@ def create_engine(model, engine: str = "auto", precision: str = "fp32", device: 
     batch_size: the largest chunk per call (default: `recommended_batch_size` for the machine).
     signature: "logits" | "features" (default: what the model's forward returns, `model.spec.output`).
     calibration: float32 (N, 3, H, W) images in [0, 1], needed for int8.
+    job_images: with engine="auto", how many images the caller will run: a small job (auto.MIN_IMAGES_TO_TIME)
+        with no cached decision runs eager torch rather than paying for the timing.
     options: engine-specific keywords (threads=, streams=, channels_last=, cuda_graphs=, mode=).
     """
     if engine not in CHOICES:
@@ -90,7 +92,8 @@ def create_engine(model, engine: str = "auto", precision: str = "fp32", device: 
     if engine == "auto":
         from .auto import select
         return select(model, build, precision=precision, device=device, signature=signature,
-                      input_size=input_size, batch_size=batch_size, calibration=calibration, max_error=max_error)
+                      input_size=input_size, batch_size=batch_size, calibration=calibration, max_error=max_error,
+                      job_images=job_images)
     if precision == "auto":
         raise ValueError("precision='auto' chooses among engines: use it with engine='auto'")
     return build(engine, precision)

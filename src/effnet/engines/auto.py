@@ -31,6 +31,10 @@ DEFAULT_MAX_ERROR = 2e-2  # precision="auto": reduced precision only within 2% o
 TIMED_SECONDS = 1.5  # per candidate, after its first call, in TIMING_ROUNDS interleaved rounds of >= 1 call
 TIMING_ROUNDS = 3
 ERROR_PROBE_IMAGES = 2
+# Below this many images a job runs on eager torch unless a timed decision is cached. The first selection
+# (export, compile, timing) took 12-45 s on 2 cores and the winner saves 0.04-0.4 s an image over eager
+# torch (B2 @ 260 to V2-M @ 480, benchmarks/engines.py): it pays off after roughly 100-300 images.
+MIN_IMAGES_TO_TIME = 200
 
 
 def candidates(precision: str, device: str, calibration) -> list[tuple[str, str]]:
@@ -68,8 +72,12 @@ def probe_images(count: int, size: tuple[int, int], seed: int = 0) -> np.ndarray
 
 
 def select(model, build, *, precision: str, device: str, signature: str, input_size, batch_size,
-           calibration, max_error: float | None) -> Engine:
-    """The fastest engine among `candidates(...)`; `build(engine, precision)` makes one (see create_engine)."""
+           calibration, max_error: float | None, job_images: int | None = None) -> Engine:
+    """The fastest engine among `candidates(...)`; `build(engine, precision)` makes one (see create_engine).
+
+    job_images: how many images the caller is about to run. With no cached decision, a job smaller than
+    MIN_IMAGES_TO_TIME runs on eager torch (no export, no compiling) instead of paying for the timing.
+    """
     size = tuple(input_size) if input_size else (model.spec.native_size, model.spec.native_size)
     batch = batch_size or recommended_batch_size(size, device)
     max_error = DEFAULT_MAX_ERROR if max_error is None else max_error
@@ -90,6 +98,13 @@ def select(model, build, *, precision: str, device: str, signature: str, input_s
             engine.measured_error = cached.get("error")
             engine.selection = f"picked from cached timings ({cached['measured']}, {cached['table']})"
             return engine
+
+    eager = ("torch", "fp32" if precision == "auto" else precision)  # auto: no reduced precision untimed
+    if job_images is not None and job_images < MIN_IMAGES_TO_TIME and eager in pairs:
+        engine = build(*eager, model_fingerprint)
+        engine.selection = (f"not timed: {job_images} image{'s' if job_images != 1 else ''} to run, fewer than the "
+                            f"{MIN_IMAGES_TO_TIME} that timing and preparing the other engines pays off on")
+        return engine
 
     probe = probe_images(batch, size)
     reference = _reference(model, signature, probe[:ERROR_PROBE_IMAGES])

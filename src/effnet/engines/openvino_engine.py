@@ -5,10 +5,12 @@ Why it is fast, and what effnet adds to OpenVINO's defaults (each measured in be
   chosen for the real sizes (a dynamic-shape compile picks generic kernels). One compile per shape, kept in
   memory (a few) and in OpenVINO's blob cache on disk (`$EFFNET_HOME/engines/openvino`), so a second run
   loads in a second or two instead of compiling.
-- A batch of N on C cores runs as S = min(C, N) streams, each a separate infer request over N/S images with
-  C/S threads, started together (OpenVINO's THROUGHPUT mode). On 2 cores, B2 @ 260, batch 8 as 2 x 4 was 1.07x
-  as fast as OpenVINO's defaults on a quiet machine and 1.5x when other processes shared the cores: each core
-  works through its own images and no layer waits for the slower thread. Batch 1 runs as one LATENCY request.
+- A batch of N runs as infer requests of `images_per_run` images (base.py: about 150k input pixels, so 2 at
+  260 px and 1 at 480 px), all started together on S = min(C, requests) streams of C/S threads on C cores
+  (OpenVINO's THROUGHPUT mode). Each core works through its own images with its activations in its cache, and
+  no layer waits for the slower thread. On 2 cores, B2 @ 260, batch 8 as 2 streams was 1.07x as fast as
+  OpenVINO's defaults on a quiet machine and 1.5x when other processes shared the cores; V2-M @ 480 as
+  requests of 1 instead of 4 images, 3.01 vs 2.84 img/s. A batch that fits one request runs in LATENCY mode.
 - Precision is explicit: INFERENCE_PRECISION_HINT is set to what was asked (OpenVINO's CPU default is bf16 on
   CPUs with AVX512-BF16/AMX, i.e. silently not fp32), and read back after compiling: a CPU that cannot run the
   request (bf16 without AVX512-BF16/AMX, where OpenVINO quietly runs f32) is an error, not a silent change.
@@ -23,7 +25,7 @@ from collections import OrderedDict
 import numpy as np
 
 from . import artifacts, int8
-from .base import Engine, EngineUnavailableError, machine, require
+from .base import Engine, EngineUnavailableError, images_per_run, machine, require
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 MAX_COMPILED_SHAPES = 4
@@ -46,7 +48,8 @@ class OpenVinoEngine(Engine):
     accepts = "numpy"
 
     def __init__(self, model, *, precision="fp32", device="cpu", signature="logits", input_size=None,
-                 batch_size=None, calibration=None, streams: int | None = None, model_fingerprint=None):
+                 batch_size=None, calibration=None, streams: int | None = None, run_images: int | None = None,
+                 model_fingerprint=None):
         super().__init__(model, precision=precision, device=device, signature=signature,
                          input_size=input_size, batch_size=batch_size)
         ov = require("openvino")
@@ -62,23 +65,28 @@ class OpenVinoEngine(Engine):
         self.ov_device = "CPU"
         self.source = self.core.read_model(str(path))
         self.requested_streams = streams
-        self._compiled: OrderedDict[tuple[int, int, int], tuple[list, int]] = OrderedDict()
-        self.details = "static shapes, streams per core"
+        self.run_images = run_images
+        self._compiled: OrderedDict[tuple[int, int], tuple[list, int]] = OrderedDict()
+        self.details = "static shapes, streams per core" + \
+            (f", requests of {min(self.run_images_for(self.input_size), self.batch_size)} image(s)"
+             if self.input_size else "")
 
-    def streams_for(self, batch: int) -> int:
-        """How many parallel infer requests a batch is split into (see the module docstring)."""
-        if self.requested_streams:
-            return max(1, min(self.requested_streams, batch))
-        return max(1, min(machine().cores, batch))
+    def run_images_for(self, size: tuple[int, int]) -> int:
+        return self.run_images or images_per_run(size)
 
-    def _requests(self, batch: int, height: int, width: int) -> tuple[list, int]:
-        """(infer requests, images per request) for this shape, compiling it on first use."""
-        key = (batch, height, width)
+    def streams_for(self, requests: int) -> int:
+        """How many streams run a batch's infer requests in parallel (see the module docstring)."""
+        return max(1, min(self.requested_streams or machine().cores, requests))
+
+    def _requests(self, height: int, width: int) -> tuple[list, int]:
+        """(infer requests, images per request) for this image size, compiling it on first use."""
+        key = (height, width)
         if key in self._compiled:
             self._compiled.move_to_end(key)
             return self._compiled[key]
-        streams = self.streams_for(batch)
-        per_request = math.ceil(batch / streams)
+        per_request = min(self.batch_size, self.run_images_for((height, width)))
+        requests = math.ceil(self.batch_size / per_request)
+        streams = self.streams_for(requests)
         graph = self.source.clone()
         graph.reshape({graph.inputs[0].any_name: [per_request, 3, height, width]})
         config = {"INFERENCE_PRECISION_HINT": HINTS[self.precision]}
@@ -91,7 +99,7 @@ class OpenVinoEngine(Engine):
         if actual != HINTS[self.precision]:
             raise EngineUnavailableError(f"openvino compiled {self.spec.name} for {actual}, not the requested "
                                          f"{self.precision}: this {self.ov_device} cannot run {self.precision}")
-        entry = ([compiled.create_infer_request() for _ in range(streams)], per_request)
+        entry = ([compiled.create_infer_request() for _ in range(requests)], per_request)
         self._compiled[key] = entry
         while len(self._compiled) > MAX_COMPILED_SHAPES:
             self._compiled.popitem(last=False)
@@ -99,12 +107,9 @@ class OpenVinoEngine(Engine):
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         count = len(batch)
-        shape_batch = self.batch_size if count < self.batch_size and self.input_size else count
-        if shape_batch != count:  # a short last chunk: pad to the compiled shape instead of compiling another
-            batch = np.concatenate([batch, np.zeros((shape_batch - count, *batch.shape[1:]), batch.dtype)])
-        requests, per_request = self._requests(shape_batch, batch.shape[2], batch.shape[3])
-        chunks = [batch[i:i + per_request] for i in range(0, shape_batch, per_request)]
-        if len(chunks[-1]) < per_request:
+        requests, per_request = self._requests(batch.shape[2], batch.shape[3])
+        chunks = [batch[i:i + per_request] for i in range(0, count, per_request)]
+        if len(chunks[-1]) < per_request:  # a short last chunk: padded to the compiled shape, not compiled again
             chunks[-1] = np.concatenate([chunks[-1], np.zeros((per_request - len(chunks[-1]), *batch.shape[1:]),
                                                               batch.dtype)])
         used = requests[:len(chunks)]

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import EffnetError
-from ..pipeline.decode import Decoder, Recipe, _orientation, _to_rgb, _upright
+from ..pipeline.decode import Decoder, Recipe, upright_rgb
 from ..pipeline.sources import IMAGE_EXTENSIONS, Item
 from . import augment
 
@@ -157,7 +157,7 @@ def _open_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            return _upright(_to_rgb(image), _orientation(image))
+            return upright_rgb(image)
     except (OSError, ValueError, SyntaxError) as error:
         raise EffnetError(f"{path}: cannot read this training image ({error}); fix or remove it") from error
 

@@ -2,15 +2,16 @@
 
     source -> decode -> batch -> engine -> sink
 
-Each stage is a small class with `__call__` (sources.py, decode.py, batch.py, engines.py, sinks.py), and
-`Runner` (runner.py) moves data between them and records how long each takes. Any stage can be replaced by a
-callable with the same signature, e.g. another engine: `(N, 3, S, S) float32 tensor in [0, 1] -> numpy (N, D)`.
+Each stage is a small class with `__call__` (sources.py, decode.py, batch.py, sinks.py), and `Runner` (runner.py)
+moves data between them and records how long each takes. Any stage can be replaced by a callable with the same
+signature. The engine is any `(N, 3, S, S) float32 tensor in [0, 1] -> numpy (N, D)` callable, usually one of
+`effnet.engines` (the pipeline has no engine of its own), or a `JobSizedEngine` that picks one once the runner
+knows how many inputs it will run.
 """
 
 from .batch import Batch, Batcher
 from .decode import RESIZE_MODES, Decoded, Decoder, recipe_for
-from .engines import TorchEngine
-from .runner import Report, Runner
+from .runner import JobSizedEngine, Report, Runner
 from .sinks import EmbeddingColumns, MemorySink, ParquetSink, TopKColumns
 from .sources import Item, Sources
 
@@ -21,6 +22,7 @@ __all__ = [
     "Decoder",
     "EmbeddingColumns",
     "Item",
+    "JobSizedEngine",
     "MemorySink",
     "ParquetSink",
     "RESIZE_MODES",
@@ -28,6 +30,5 @@ __all__ = [
     "Runner",
     "Sources",
     "TopKColumns",
-    "TorchEngine",
     "recipe_for",
 ]

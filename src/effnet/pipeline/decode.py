@@ -226,6 +226,12 @@ class Decoder:
         return np.asarray(content)  # (S, S, 3) uint8, a fresh C-contiguous copy
 
 
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """A loaded image as 8-bit RGB the right way up: the pipeline's colour and EXIF rules, at full size
+    (what fine-tuning reads before augmenting)."""
+    return _upright(_to_rgb(image), _orientation(image))
+
+
 def _orientation(image: Image.Image) -> int:
     try:
         value = image.getexif().get(EXIF_ORIENTATION, 1)

@@ -48,6 +48,17 @@ class Report:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
 
+class JobSizedEngine:
+    """An engine chosen when the runner knows how many inputs are left to run: `choose(count) -> engine`.
+
+    `engine="auto"` uses it to skip timing engines for a handful of images, and a job that is already complete
+    (everything resumed) builds no engine at all.
+    """
+
+    def __init__(self, choose: Callable[[int], Callable]):
+        self.choose = choose
+
+
 class Runner:
     """`Runner(source, decode, batch, engine, sink)()` -> Report."""
 
@@ -80,6 +91,9 @@ class Runner:
         with self._timed("resume"):
             done = self.sink.done()
         todo = [item for item in items if item.key not in done]
+        if isinstance(self.engine, JobSizedEngine) and todo:
+            with self._timed("engine_setup"):
+                self.engine = self.engine.choose(len(todo))
         failed = 0
         bar = _progress_bar(len(items), len(items) - len(todo), self.progress)
         decoded = self._decoded(todo)
