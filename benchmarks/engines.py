@@ -9,6 +9,8 @@ Contenders in every row, on the same inputs, in the same process:
   channels_last, eager bf16 autocast (channels_last), ONNX Runtime fp32 with default session options, and
   OpenVINO with default settings (`core.compile_model(onnx_file, "CPU")`: dynamic shapes, its default precision,
   which is bf16 on CPUs with AVX512-BF16/AMX); the peers run effnet's ONNX export, the same file for both;
+- the noise floor: a second ONNX Runtime session identical to the peer's (its ratio to the peer shows how far
+  apart two identical contenders land in this run);
 - effnet engines: onnxruntime fp32, openvino fp32, openvino int8 (calibrated on the 4 photos), torch-compile
   (with --compile), `auto` fp32 and `auto` with precision="auto". effnet's `torch` engine is the channels_last
   peer plus inference_mode and is not timed twice.
@@ -53,6 +55,9 @@ ROWS = {  # key -> (architecture, input size, signature)
 BASELINE = "eager fp32 NCHW"
 SLOW_CALL_SECONDS = 20.0
 PEERS = (BASELINE, "eager channels_last", "eager bf16 autocast", "ORT fp32 (defaults)", "OpenVINO (defaults)")
+# A second, identical ONNX Runtime session: not a peer, the noise floor. Two identical sessions in one process
+# measured up to 15 % apart on the shared 2-core VM; a ratio closer to 1.0 than this spread is a tie.
+NOISE = "ORT fp32 (defaults), 2nd session"
 
 
 @dataclass
@@ -117,6 +122,7 @@ def peers(model, onnx_path: Path):
             return last_forward(x).float().numpy()
 
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    twin = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     compiled = openvino.Core().compile_model(str(onnx_path), "CPU")
     return {
         BASELINE: eager,
@@ -124,6 +130,7 @@ def peers(model, onnx_path: Path):
         "eager bf16 autocast": eager_bf16 if machine().native_bf16 else
         "not run: no AVX512-BF16/AMX here, PyTorch falls back to its reference convolution (~100x slower)",
         "ORT fp32 (defaults)": lambda images: session.run(None, {"images": images})[0],
+        NOISE: lambda images: twin.run(None, {"images": images})[0],
         "OpenVINO (defaults)": lambda images: compiled(images)[0],
         "_openvino_default_precision": compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
     }
@@ -194,7 +201,7 @@ def run_row(key: str, batch: int, seconds: float, rounds: int, with_compile: boo
         result.error = relative_error(contender.output, reference)
         results.append(result)
         print(f"#   {key} b{batch} {contender.name}: {result.images_per_second:.2f} img/s", file=sys.stderr)
-    order = {name: i for i, name in enumerate([*PEERS, *(c.name for c in contenders)])}
+    order = {name: i for i, name in enumerate([*PEERS, NOISE, *(c.name for c in contenders)])}
     return sorted([*results, *skipped], key=lambda r: order[r.name])
 
 
@@ -202,7 +209,7 @@ def table(rows: dict[tuple[str, int], list[Result]]) -> str:
     lines = ["| model | batch | contender | images/s | × eager fp32 NCHW | rel. error | note |",
              "|---|---|---|---|---|---|---|"]
     summary = ["", "| model | batch | auto fp32 img/s | best peer | auto fp32 / best peer | auto fp32 / ORT fp32 "
-               "| auto (precision=auto) / best peer |", "|---|---|---|---|---|---|---|"]
+               "| auto (precision=auto) / best peer | noise: ORT twin sessions |", "|---|---|---|---|---|---|---|---|"]
     for (key, batch), results in rows.items():
         name, size, signature = ROWS[key]
         by_name = {r.name: r for r in results}
@@ -222,9 +229,11 @@ def table(rows: dict[tuple[str, int], list[Result]]) -> str:
             ort = peer_rates.get("ORT fp32 (defaults)")
             any_ratio = (f"{auto_any.images_per_second / peer_rates[best_peer]:.2f}"
                          if auto_any and auto_any.images_per_second else "–")
+            twin = by_name.get(NOISE)
+            spread = (f"{twin.images_per_second / ort:.2f}" if twin and twin.images_per_second and ort else "–")
             summary.append(f"| {name} @ {size} | {batch} | {auto.images_per_second:.2f} | {best_peer} "
                            f"{peer_rates[best_peer]:.2f} | {auto.images_per_second / peer_rates[best_peer]:.2f} | "
-                           f"{auto.images_per_second / ort:.2f} | {any_ratio} |")
+                           f"{auto.images_per_second / ort:.2f} | {any_ratio} | {spread} |")
     return "\n".join(lines + summary)
 
 
@@ -233,7 +242,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", default="b2,b6,v2m", help=f"comma-separated, from {list(ROWS)}")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per contender and row")
-    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds the seconds are split into")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds the seconds are split into")
     parser.add_argument("--quick", action="store_true",
                         help="one round of one call per contender; B6 and V2-M at batch 8 only")
     parser.add_argument("--compile", action="store_true", help="also time torch-compile (compiles for minutes)")

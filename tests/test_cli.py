@@ -134,7 +134,8 @@ def photos(tmp_path_factory):
 
 
 def effnet_command(folder, out, *extra):
-    arguments = ["embed", folder, "-o", out, "--batch-size", 2, "--shard-rows", 2, "--workers", 1, "--size", 128, "-q"]
+    # 224 px, not less: the run must last long enough after its first shard for a signal to land midway.
+    arguments = ["embed", folder, "-o", out, "--batch-size", 2, "--shard-rows", 2, "--workers", 1, "--size", 224, "-q"]
     return [sys.executable, "-m", "effnet.cli", *map(str, arguments), *extra]
 
 
@@ -157,7 +158,7 @@ def test_killed_run_resumes_to_the_uninterrupted_output(photos, uninterrupted, t
     parts = tmp_path / "out.parquet.parts"
     process = run_effnet(effnet_command(photos, out))
     deadline = time.monotonic() + 120
-    while len(list(parts.glob("part-*.parquet"))) < 2:  # some shards exist: the run is midway
+    while not any(parts.glob("part-*.parquet")):  # a shard exists: the run is midway
         assert process.poll() is None, "the run finished before it could be interrupted"
         assert time.monotonic() < deadline
         time.sleep(0.002)
@@ -166,7 +167,7 @@ def test_killed_run_resumes_to_the_uninterrupted_output(photos, uninterrupted, t
     assert status == (EXIT_INTERRUPTED if sent == signal.SIGINT else -signal.SIGKILL)
     assert not out.exists()
     saved = sum(pq.ParquetFile(p).metadata.num_rows for p in parts.glob("part-*.parquet"))
-    assert 4 <= saved < 24
+    assert 2 <= saved < 24
 
     resumed = run_effnet(effnet_command(photos, out))
     assert resumed.wait(timeout=120) == 0, resumed.stderr.read().decode()

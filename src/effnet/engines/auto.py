@@ -13,7 +13,8 @@ the probe images, is at most `max_error`; the chosen engine states that error (`
 
 Timing: each finalist's first full call, then TIMING_ROUNDS interleaved rounds; the fastest call counts.
 The decision is cached in `$EFFNET_HOME/engines/auto.json`, keyed by the weights' fingerprint, signature,
-size, batch, device, the candidates, max_error, the machine's CPU/GPU features and the runtime versions.
+size, batch, device, the candidates, max_error, the machine's CPU/GPU features, the runtime versions and
+ENGINES_REVISION.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ DEFAULT_MAX_ERROR = 2e-2  # precision="auto": reduced precision only within 2% o
 TIMED_SECONDS = 1.5  # per candidate, after its first call, in TIMING_ROUNDS interleaved rounds of >= 1 call
 TIMING_ROUNDS = 3
 ERROR_PROBE_IMAGES = 2
+ENGINES_REVISION = 2  # bump when an engine's configuration changes its speed: cached decisions are re-measured
 # Below this many images a job runs on eager torch unless a timed decision is cached. The first selection
 # (export, compile, timing) took 12-45 s on 2 cores and the winner saves 0.04-0.4 s an image over eager
 # torch (B2 @ 260 to V2-M @ 480, benchmarks/engines.py): it pays off after roughly 100-300 images.
@@ -181,7 +183,10 @@ def _time_per_image(engine: Engine, probe: np.ndarray, seconds: float) -> float:
 
 def _versions() -> str:
     import importlib.metadata as metadata
-    parts = [f"torch{torch.__version__}"]
+    from .. import __version__
+
+    # The engines' own configuration counts too: timings of runs split another way are not this engine's.
+    parts = [f"effnet{__version__}/engines{ENGINES_REVISION}", f"torch{torch.__version__}"]
     for package in ("onnxruntime", "openvino"):
         if is_installed(package):
             try:

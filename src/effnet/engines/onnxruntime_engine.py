@@ -53,7 +53,7 @@ class OnnxRuntimeEngine(Engine):
         if precision == "int8":
             path = int8.quantized_file(path, int8.check_calibration(calibration))
         cores = threads or machine().cores
-        self.streams = max(1, min(streams or cores, self.batch_size))
+        self.streams = max(1, min(streams or cores, self.batch_size)) if device == "cpu" else 1  # one GPU stream
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = max(1, cores // self.streams)
