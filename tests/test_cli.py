@@ -140,8 +140,15 @@ def effnet_command(folder, out, *extra):
 
 
 def run_effnet(command, **kwargs):
+    """effnet in a child process that reacts to Ctrl-C as in a terminal, however pytest was started: a shell runs
+    background jobs (`cmd &`, nohup) with SIGINT ignored, children inherit that, and Python keeps it ignored."""
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a handler, unlike SIG_IGN, ends at exec
+    try:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +171,7 @@ def test_killed_run_resumes_to_the_uninterrupted_output(photos, uninterrupted, t
         time.sleep(0.002)
     process.send_signal(sent)
     status = process.wait(timeout=60)
-    assert status == (EXIT_INTERRUPTED if sent == signal.SIGINT else -signal.SIGKILL)
+    assert status == (EXIT_INTERRUPTED if sent == signal.SIGINT else -signal.SIGKILL), process.stderr.read().decode()
     assert not out.exists()
     saved = sum(pq.ParquetFile(p).metadata.num_rows for p in parts.glob("part-*.parquet"))
     assert 2 <= saved < 24
