@@ -33,9 +33,10 @@ TIMED_SECONDS = 1.5  # per candidate, after its first call, in TIMING_ROUNDS int
 TIMING_ROUNDS = 3
 ERROR_PROBE_IMAGES = 2
 ENGINES_REVISION = 2  # bump when an engine's configuration changes its speed: cached decisions are re-measured
-# Below this many images a job runs on eager torch unless a timed decision is cached. The first selection
-# (export, compile, timing) took 12-45 s on 2 cores and the winner saves 0.04-0.4 s an image over eager
-# torch (B2 @ 260 to V2-M @ 480, benchmarks/engines.py): it pays off after roughly 100-300 images.
+# Below this many images a job runs on eager torch unless a timed decision is cached. The selection (export,
+# compile, timing) is paid once per model, size and batch: 4-66 s on 2 cores (benchmarks/engines.py). For B2
+# @ 260 it took 6 s and the winner saves ~0.03 s an image over eager torch: even after ~200 images. Bigger
+# models take longer to select but then save more per image on every later job, so one threshold serves.
 MIN_IMAGES_TO_TIME = 200
 
 
