@@ -51,6 +51,8 @@ def _pipeline_options(command):
                           "installed engines once (cached) and keeps the fastest. See docs/engines.md."),
         click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "int8", "auto"]), default="fp32",
                      show_default=True, help="auto admits a reduced precision only with its measured error stated."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="Where the model runs. auto: a CUDA GPU where PyTorch sees one, else the CPU."),
         click.option("--path-column", default="path", show_default=True, help="Column of paths in CSV/Parquet manifests."),
         click.option("--shard-rows", type=click.IntRange(min=1), default=1024, show_default=True,
                      help="Rows per shard in OUT.parts/ (what an interruption can lose at most)."),

@@ -64,6 +64,7 @@ def run(
     progress: bool = False,
     engine: str = "auto",
     precision: str = "fp32",
+    device: str = "auto",
 ) -> Report:
     """Run the pipeline. With `out`, rows go to a resumable Parquet (or .npy) file; without, to `Report.result`."""
     if task not in TASKS:
@@ -89,8 +90,8 @@ def run(
     def engine_for_job(images: int):
         from .engines import create_engine
 
-        chosen = create_engine(network, engine, precision, input_size=(size, size), signature=signature,
-                               job_images=images if engine == "auto" else None)
+        chosen = create_engine(network, engine, precision, resolve_device(device), input_size=(size, size),
+                               signature=signature, job_images=images if engine == "auto" else None)
         if progress:
             print(f"engine: {chosen.description}", file=sys.stderr)
         return chosen
@@ -109,6 +110,13 @@ def run(
     return runner()
 
 
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" where PyTorch sees a GPU, else "cpu"; "cpu"/"cuda" as given (the engine checks cuda)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def embed(
     sources: Sourceish,
     model: str | torch.nn.Module = DEFAULT_MODEL,
@@ -122,6 +130,7 @@ def embed(
     progress: bool = False,
     engine: str = "auto",
     precision: str = "fp32",
+    device: str = "auto",
 ):
     """Feature vectors of images: (N, feature_dim) float32, one row per input in input order.
 
@@ -130,13 +139,14 @@ def embed(
     failed, after the run) or "keep" (their rows are NaN; with as_table, null with `error` set). as_table:
     return the Arrow table the CLI writes (path, width, height, embedding, error ...) instead of the array.
     engine, precision: see `effnet.engines.create_engine`; "auto" runs a small job on eager torch and times the
-    installed engines for a large one (once, then cached).
+    installed engines for a large one (once, then cached). device: "auto" (a CUDA GPU where PyTorch sees one),
+    "cpu" or "cuda"; decoding always runs on the host's cores.
     """
     if errors not in ("raise", "keep"):
         raise ValueError(f"errors must be 'raise' or 'keep', not {errors!r}")
     report = run(
         "embed", sources, model, size=size, resize=resize, batch_size=batch_size, workers=workers, progress=progress,
-        engine=engine, precision=precision,
+        engine=engine, precision=precision, device=device,
     )
     table = report.result
     if errors == "raise":
@@ -159,6 +169,7 @@ def classify(
     progress: bool = False,
     engine: str = "auto",
     precision: str = "fp32",
+    device: str = "auto",
 ):
     """The top-k classes of images as an Arrow table: path, width, height, labels, indices, scores, error ...
 
@@ -179,6 +190,7 @@ def classify(
         progress=progress,
         engine=engine,
         precision=precision,
+        device=device,
     )
     if errors == "raise":
         _raise_failures(report.result)
