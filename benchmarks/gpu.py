@@ -126,14 +126,14 @@ def embed_folder(images: int) -> list[tuple]:
         Image.fromarray(photo(PHOTO_NAMES[i % len(PHOTO_NAMES)])).resize((1600, 1200)).save(folder / f"{i:04d}.jpg",
                                                                                            quality=90)
     rows = []
-    for name in ("efficientnet_lite0", "efficientnet_b2"):
-        rates = {}
+    for key in ("lite0", "b2"):
+        model, rates = build_model(key), {}
         for device in ("cuda", "cpu"):
-            effnet.embed(folder, name, device=device, engine="torch", batch_size=64)  # warm: load, cuDNN picks
+            effnet.embed(folder, model, device=device, engine="torch", batch_size=64)  # warm: cuDNN picks
             started = time.perf_counter()
-            vectors = effnet.embed(folder, name, device=device, engine="torch", batch_size=64)
+            vectors = effnet.embed(folder, model, device=device, engine="torch", batch_size=64)
             rates[device] = len(vectors) / (time.perf_counter() - started)
-        rows.append((name, images, rates["cuda"], rates["cpu"], rates["cuda"] / rates["cpu"]))
+        rows.append((ROWS[key][0], images, rates["cuda"], rates["cpu"], rates["cuda"] / rates["cpu"]))
     return rows
 
 
