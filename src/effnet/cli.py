@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 
 import click
@@ -30,13 +31,34 @@ def main() -> None:
     """EfficientNet (V1, Lite, V2) feature vectors and classifications for folders of images."""
 
 
+class _ByteSize(click.ParamType):
+    """A byte count written 1073741824, 1G, 512M or 64K (powers of 1024)."""
+
+    name = "size"
+    _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+        number, unit = (text[:-1], text[-1]) if text[-1:] in self._UNITS else (text, "")
+        try:
+            count = int(float(number) * self._UNITS[unit])
+        except ValueError:
+            self.fail(f"{value!r} is not a size such as 512M or 2G", param, ctx)
+        if count < 1:
+            self.fail(f"{value!r} must be positive", param, ctx)
+        return count
+
+
 def _pipeline_options(command):
     """The options `embed` and `classify` share."""
     options = [
         click.argument("sources", nargs=-1, required=True),
         click.option("-m", "--model", default=None, help="Model name, hub handle or weights file [default: efficientnet_lite0]."),
-        click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-                     help="OUT.parquet (default format), or OUT.npy (+ sidecar OUT.parquet) for embed."),
+        click.option("-o", "--output", required=True, type=click.Path(),
+                     help="OUT.parquet (default format), or OUT.npy (+ sidecar OUT.parquet) for embed; with --ray "
+                          "a folder (or s3://bucket/prefix/) of Parquet files."),
         click.option("--size", type=click.IntRange(min=1), help="Input resolution [default: the model's native size]."),
         click.option("--resize", type=click.Choice(RESIZE_MODES), default="crop", show_default=True,
                      help="crop: the family's eval recipe (centre crop S/(S+32)); pad: letterbox; stretch: squash."),
@@ -54,9 +76,18 @@ def _pipeline_options(command):
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                      help="Where the model runs. auto: a CUDA GPU where PyTorch sees one, else the CPU."),
         click.option("--path-column", default="path", show_default=True, help="Column of paths in CSV/Parquet manifests."),
+        click.option("--max-pixels", type=click.IntRange(min=1), default=None,
+                     help="Refuse images with more pixels (a decompression-bomb guard) [default: 89,478,485]."),
+        click.option("--decode-memory", type=_ByteSize(), default="1G", show_default=True,
+                     help="Decode working memory all workers share (512M, 2G ...); larger images wait their turn, "
+                          "one that could never fit is an error row. See docs/limits.md."),
         click.option("--shard-rows", type=click.IntRange(min=1), default=1024, show_default=True,
                      help="Rows per shard in OUT.parts/ (what an interruption can lose at most)."),
         click.option("--overwrite", is_flag=True, help="Start over: delete OUT and OUT.parts/ instead of resuming."),
+        click.option("--ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+                     help="Run on Ray Data. Alone: a Ray instance on this machine, or RAY_ADDRESS's cluster; with "
+                          "ADDRESS (auto, host:port, ray://host:port): that cluster. Put it after SOURCES (or "
+                          "write --ray=ADDRESS). See docs/scale-out.md."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary."),
     ]
     for option in reversed(options):
@@ -131,21 +162,38 @@ def _run(task: str, *, sources, model, output, threads, quiet, **options) -> Non
 
     from .embed import DEFAULT_MODEL, run
 
+    if model is not None and not model.strip():
+        raise click.UsageError("-m/--model is empty; name a model (effnet models lists them) or leave -m out "
+                               "for the default, efficientnet_lite0")
     if threads:
         torch.set_num_threads(threads)
+    if not options.get("ray") and os.path.isdir(output):
+        raise click.BadParameter(f"{output} is a folder; the local job writes one file (a folder is --ray's output)",
+                                 param_hint="-o/--output")
     try:
         with _errors_as_exit():
             report = run(task, list(sources), model or DEFAULT_MODEL, out=output, progress=not quiet, **options)
     except KeyboardInterrupt:
         click.echo(
-            f"\ninterrupted: finished rows are saved in {output}.parts/; run the same command again to resume",
+            f"\ninterrupted: finished rows are saved in {output}{'' if options.get('ray') else '.parts'}/; "
+            "run the same command again to resume",
             err=True,
         )
         sys.exit(EXIT_INTERRUPTED)
     summary = report.summary
+    skipped_by_reason, warned = getattr(report, "skipped", {}), getattr(report, "warnings", [])
+    skipped = (f"skipped {sum(skipped_by_reason.values())} files: "
+               + ", ".join(f"{count} {reason}" for reason, count in sorted(skipped_by_reason.items())))
     if summary.rows == 0:
         raise click.ClickException(f"found no images in {' '.join(sources)} (folders are searched for "
-                                   "image extensions; name other files directly or in a manifest)")
+                                   "image extensions; name other files directly or in a manifest)"
+                                   + (f"; {skipped}" if skipped_by_reason else ""))
+    if skipped_by_reason:  # shown even with -q: inputs not taken are never silent
+        click.echo(f"{skipped} (name them directly or in a manifest to read them anyway)", err=True)
+    if warned:  # after the progress bar, not through it
+        shown = "; ".join(f"{path}: {message}" for path, message in warned[:5])
+        more = f" (and {len(warned) - 5} more)" if len(warned) > 5 else ""
+        click.echo(f"{len(warned)} decoder warnings: {shown}{more}", err=True)
     if not quiet or summary.failed:
         done = summary.rows - summary.failed
         verb = "embedded" if task == "embed" else "classified"
@@ -173,8 +221,15 @@ class _errors_as_exit:
 
     def __exit__(self, kind, error, traceback):
         if isinstance(error, EffnetError):
-            raise click.ClickException(str(error)) from None
+            message = str(error)
+            for library_hint, command in _CLI_HINTS.items():
+                message = message.replace(library_hint, command)
+            raise click.ClickException(message) from None
         return False
+
+
+# The library's messages name Python functions; on the command line the command that does the same is the hint.
+_CLI_HINTS = {"effnet.catalogue.list_modules()": "`effnet models`", "effnet.list_models()": "`effnet models`"}
 
 
 def _jsonable(value):
@@ -208,6 +263,10 @@ def _register_commands_of_other_modules() -> None:
     """Commands that live beside their library code (the CLI stays a table of commands over library functions)."""
     from .finetune.command import finetune_command
     main.add_command(finetune_command)
+    from .serve.command import serve_command; main.add_command(serve_command)  # noqa: E702 - issue 10
+    from .search.command import index_command; main.add_command(index_command)  # noqa: E702 - issue 12
+    from .search.command import search_command; main.add_command(search_command)  # noqa: E702 - issue 12
+    from .search.command import dedup_command; main.add_command(dedup_command)  # noqa: E702 - issue 12
 
 
 _register_commands_of_other_modules()

@@ -31,6 +31,7 @@ from .pipeline import (
     TopKColumns,
     recipe_for,
 )
+from .pipeline.decode import DEFAULT_DECODE_MEMORY
 from .pipeline.sinks import embedding_matrix
 
 DEFAULT_MODEL = "efficientnet_lite0"  # small, fast on CPU, and its trained weights ship as a pip package
@@ -65,14 +66,34 @@ def run(
     engine: str = "auto",
     precision: str = "fp32",
     device: str = "auto",
+    ray: str | bool | None = None,
+    max_pixels: int | None = None,
+    decode_memory: int | None = DEFAULT_DECODE_MEMORY,
 ) -> Report:
-    """Run the pipeline. With `out`, rows go to a resumable Parquet (or .npy) file; without, to `Report.result`."""
+    """Run the pipeline. With `out`, rows go to a resumable Parquet (or .npy) file; without, to `Report.result`.
+
+    ray: run on Ray Data instead (`effnet.scale_out`): "local" or True for a Ray instance on this machine,
+    "auto" or an address for an existing cluster; `out` is then a folder of Parquet files (or an s3:// URL).
+    max_pixels: refuse images with more pixels (None: Pillow's MAX_IMAGE_PIXELS); decode_memory: bytes of decode
+    working memory all workers share (see docs/limits.md). A size, batch size or worker count this machine cannot
+    run is refused before anything runs (`effnet.limits`).
+    """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, not {task!r}")
     network = _load_model(model) if isinstance(model, str) else model
     spec = network.spec
     size = size or spec.native_size
-    decoder = Decoder(size, recipe_for(spec.name, spec.family), resize)
+    if not ray:
+        from .architectures import architecture
+        from .limits import check_job_fits
+
+        decode_workers = (os.cpu_count() or 1) if workers is None else workers
+        check_job_fits(getattr(network, "architecture", None) or architecture(spec.name), size, batch_size,
+                       decode_workers)
+    if task == "classify" and top_k > spec.num_classes >= 1:
+        raise EffnetError(f"--top-k {top_k} is more than the {spec.num_classes} classes of {spec.name}")
+    decoder = Decoder(size, recipe_for(spec.name, spec.family), resize, max_pixels=max_pixels,
+                      decode_memory=decode_memory)
     if task == "embed":
         columns = EmbeddingColumns(spec.feature_dim, dtype)
         settings = {"task": task, "dtype": dtype}
@@ -81,6 +102,13 @@ def run(
         settings = {"task": task, "top_k": columns.k}
     settings |= {"model": spec.name, "weights": getattr(spec, "source", None), "size": size, "resize": resize,
                  "precision": precision}
+    if ray:  # the same stages on a Ray cluster
+        from . import scale_out
+
+        return scale_out.run(task, sources, network, decoder=decoder, columns=columns, settings=settings,
+                             signature="features" if task == "embed" else "logits", out=out, ray_address=ray,
+                             path_column=path_column, batch_size=batch_size, engine=engine, precision=precision,
+                             device=device, overwrite=overwrite, progress=progress)
     if out is None:
         sink = MemorySink(columns, settings)
     else:
@@ -131,6 +159,7 @@ def embed(
     engine: str = "auto",
     precision: str = "fp32",
     device: str = "auto",
+    ray: str | bool | None = None,
 ):
     """Feature vectors of images: (N, feature_dim) float32, one row per input in input order.
 
@@ -140,13 +169,14 @@ def embed(
     return the Arrow table the CLI writes (path, width, height, embedding, error ...) instead of the array.
     engine, precision: see `effnet.engines.create_engine`; "auto" runs a small job on eager torch and times the
     installed engines for a large one (once, then cached). device: "auto" (a CUDA GPU where PyTorch sees one),
-    "cpu" or "cuda"; decoding always runs on the host's cores.
+    "cpu" or "cuda"; decoding always runs on the host's cores. ray: run on Ray Data ("local", or a cluster's
+    address; see `run`), the same rows.
     """
     if errors not in ("raise", "keep"):
         raise ValueError(f"errors must be 'raise' or 'keep', not {errors!r}")
     report = run(
         "embed", sources, model, size=size, resize=resize, batch_size=batch_size, workers=workers, progress=progress,
-        engine=engine, precision=precision, device=device,
+        engine=engine, precision=precision, device=device, ray=ray,
     )
     table = report.result
     if errors == "raise":
@@ -170,11 +200,12 @@ def classify(
     engine: str = "auto",
     precision: str = "fp32",
     device: str = "auto",
+    ray: str | bool | None = None,
 ):
     """The top-k classes of images as an Arrow table: path, width, height, labels, indices, scores, error ...
 
     One row per input, in input order; `scores` are softmax probabilities, best first. errors: "raise" or
-    "keep" (failed inputs keep their row, with `error` set and null results).
+    "keep" (failed inputs keep their row, with `error` set and null results). ray: as for `embed`.
     """
     if errors not in ("raise", "keep"):
         raise ValueError(f"errors must be 'raise' or 'keep', not {errors!r}")
@@ -191,6 +222,7 @@ def classify(
         engine=engine,
         precision=precision,
         device=device,
+        ray=ray,
     )
     if errors == "raise":
         _raise_failures(report.result)

@@ -37,7 +37,8 @@ def _check_name(name: str) -> None:
         import difflib
         close = difflib.get_close_matches(name, SCALING, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise UnknownModelError(f"unknown architecture {name!r}.{hint} effnet.list_models() lists them all.")
+        raise UnknownModelError(f"unknown architecture {name!r}.{hint} `effnet models` (or effnet.list_models()) "
+                                "lists them all.")
 
 
 def create(name: str, num_classes: int = 1000, pretrained: bool = False) -> EfficientNet:
@@ -82,7 +83,12 @@ def load(source: str | Path, *, architecture_name: str | None = None) -> Efficie
     if path.exists():
         raise UnknownModelError(f"{path}: not a weights format effnet reads (SavedModel or TF1 hub module folder, "
                                 "checkpoint prefix, Keras .h5, .pth, or an effnet module folder)")
+    if path.suffix.lower() in _WEIGHTS_SUFFIXES or text.startswith((".", "/", "~")):
+        raise WeightsError(f"{text}: no such file or folder")  # a path, not a handle: say what is wrong with it
     return load_hub(text)
+
+
+_WEIGHTS_SUFFIXES = (".h5", ".pth", ".pt", ".safetensors", ".index", ".pb", ".ckpt", ".keras", ".tflite")
 
 
 def _load_packaged(name: str) -> EfficientNet:
@@ -160,8 +166,9 @@ def load_effnet_dir(directory: str | Path) -> EfficientNet:
         raise WeightsError(f"{directory / SPEC_FILE}: not a valid effnet spec ({error})") from error
     _check_name(spec.name)
     model = build(spec.name, spec.num_classes)
-    state = load_file(str(directory / WEIGHTS_FILE))
     own = model.state_dict()
+    _check_safetensors(directory / WEIGHTS_FILE, {k: tuple(v.shape) for k, v in own.items()})
+    state = load_file(str(directory / WEIGHTS_FILE))
     missing = sorted(k for k in own if k not in state and not k.endswith("num_batches_tracked"))
     unexpected = sorted(k for k in state if k not in own)
     if missing or unexpected:
@@ -173,6 +180,26 @@ def load_effnet_dir(directory: str | Path) -> EfficientNet:
     labels_path = directory / LABELS_FILE
     model.labels = labels_path.read_text().splitlines() if labels_path.exists() else None
     return model.eval()
+
+
+def _check_safetensors(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
+    """Names and shapes from the safetensors header (nothing else is read) against the model's own."""
+    from safetensors import safe_open
+
+    from .importers.bounds import check_file_size
+    check_file_size(path, path.stat().st_size)
+    try:
+        with safe_open(str(path), "pt") as handle:
+            declared = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as error:  # safetensors raises its own types for a broken header
+        raise WeightsError(f"{path}: not a readable safetensors file ({error})") from error
+    wrong = sorted(k for k, shape in declared.items() if k in expected and shape != expected[k])
+    if wrong:
+        raise WeightsError(f"{path}: {wrong[0]!r} has shape {list(declared[wrong[0]])}, the architecture has "
+                           f"{list(expected[wrong[0]])}" + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+    unexpected = sorted(k for k in declared if k not in expected)
+    if unexpected:
+        raise WeightsError(f"{path}: unexpected {unexpected[:10]}")
 
 
 # --------------------------------------------------------------------------------------------- TensorFlow formats

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import CheckpointFormatError
 from ..name_maps import KINDS, UpstreamLayer
+from .bounds import ShapeCheck
 
 
 def _attr_strings(group: h5py.Group, name: str) -> list[str]:
@@ -31,37 +32,47 @@ def _attr_strings(group: h5py.Group, name: str) -> list[str]:
     return [v.decode("utf8") if isinstance(v, bytes) else str(v) for v in values]
 
 
-def _legacy_arrays(root: h5py.Group) -> dict[str, np.ndarray]:
+def _legacy_arrays(root: h5py.Group, shapes: ShapeCheck) -> dict[str, np.ndarray]:
     """Keras 2 / legacy layout -> {"layer/variable": array} (`:0` suffixes dropped)."""
-    arrays = {}
+    datasets = {}
     for layer in _attr_strings(root, "layer_names"):
         group = root[layer]
         for weight_name in _attr_strings(group, "weight_names"):
             variable = weight_name.split("/")[-1].split(":")[0]
-            arrays[f"{layer}/{variable}"] = np.asarray(group[weight_name])
-    return arrays
+            datasets[f"{layer}/{variable}"] = group[weight_name]
+    return _read_all(datasets, shapes)
 
 
-def _keras3_arrays(root: h5py.Group) -> dict[str, np.ndarray]:
+def _keras3_arrays(root: h5py.Group, shapes: ShapeCheck) -> dict[str, np.ndarray]:
     """Keras 3 layout -> {"layers/<object>/vars/<i>": array}; names are resolved per architecture later."""
-    arrays = {}
+    datasets = {}
     for key, group in root["layers"].items():
         for index, dataset in group.get("vars", {}).items():
-            arrays[f"layers/{key}/vars/{index}"] = np.asarray(dataset)
-    return arrays
+            datasets[f"layers/{key}/vars/{index}"] = dataset
+    return _read_all(datasets, shapes)
+
+
+def _read_all(datasets: dict, shapes: ShapeCheck) -> dict[str, np.ndarray]:
+    """Check every declared shape first (the file's total included), then read."""
+    for name, dataset in datasets.items():
+        if not isinstance(dataset, h5py.Dataset):
+            raise CheckpointFormatError(f"{shapes.source}: {name!r} is a group, not a weights array")
+        shapes.check(name, dataset.shape, dataset.dtype.itemsize)
+    return {name: np.asarray(dataset) for name, dataset in datasets.items()}
 
 
 def read_h5(path: str | Path) -> dict[str, np.ndarray]:
     """Every array of a Keras weights file, keyed "layer/variable" (legacy) or "layers/<object>/vars/<i>" (Keras 3)."""
     path = Path(path)
+    shapes = ShapeCheck(str(path))
     try:
         with h5py.File(path, "r") as f:
             if "layer_names" in f.attrs or "layer_names0" in f.attrs:
-                return _legacy_arrays(f)
+                return _legacy_arrays(f, shapes)
             if "model_weights" in f:
-                return _legacy_arrays(f["model_weights"])
+                return _legacy_arrays(f["model_weights"], shapes)
             if "layers" in f:
-                return _keras3_arrays(f)
+                return _keras3_arrays(f, shapes)
     except (OSError, KeyError, ValueError) as error:
         raise CheckpointFormatError(f"{path}: not a readable Keras HDF5 weights file ({error})") from error
     raise CheckpointFormatError(

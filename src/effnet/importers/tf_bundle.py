@@ -428,8 +428,15 @@ def read_variables(prefix: str | os.PathLike, *, verify: bool = True) -> dict[st
     hangs under the root's `optimizer`) and the object graph are left out; two variables with one name raise.
     TF1 name-based checkpoints: the keys as they are (string tensors left out).
     """
+    from .bounds import ShapeCheck
+
     bundle = _Bundle(prefix, verify)
-    return {name: bundle.read(key) for name, key in bundle.variable_keys().items()}
+    keys = bundle.variable_keys()
+    shapes = ShapeCheck(str(bundle.index_path))
+    for name, key in keys.items():  # every declared shape against the architecture bounds, before any data
+        entry = bundle.entries[key]
+        shapes.check(name, entry.shape, np.dtype(_DTYPES.get(entry.dtype, ("", np.uint8))[1] or np.uint8).itemsize)
+    return {name: bundle.read(key) for name, key in keys.items()}
 
 
 def list_bundle(prefix: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -42,6 +42,8 @@ class Report:
     seconds: float  # wall time of the run
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage (decode: summed over workers)
     result: object = None  # what the sink's finish returned (an Arrow table for MemorySink)
+    skipped: dict[str, int] = field(default_factory=dict)  # files folder walks saw and did not take, by reason
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (path, message) the decoder warned about
 
     @property
     def images_per_second(self) -> float:
@@ -95,6 +97,7 @@ class Runner:
             with self._timed("engine_setup"):
                 self.engine = self.engine.choose(len(todo))
         failed = 0
+        self.warnings: list[tuple[str, str]] = []
         bar = _progress_bar(len(items), len(items) - len(todo), self.progress)
         decoded = self._decoded(todo)
         try:
@@ -102,6 +105,7 @@ class Runner:
             for pair in decoded:
                 pending.append(pair)
                 failed += pair[1].error is not None
+                self.warnings += [(pair[0].path, message) for message in pair[1].warnings]
                 if len(pending) == self.batch_size:
                     self._process(pending)
                     bar.update(len(pending))
@@ -121,7 +125,9 @@ class Runner:
         with self._timed("merge"):
             result, summary = self.sink.finish(items)
         seconds = time.perf_counter() - start
-        return Report(len(items), len(items) - len(todo), len(todo), summary, seconds, dict(self.stages), result)
+        skipped = {reason: count for reason, count in getattr(self.source, "skipped", {}).items() if count}
+        return Report(len(items), len(items) - len(todo), len(todo), summary, seconds, dict(self.stages), result,
+                      skipped, self.warnings)
 
     def _process(self, pairs: list[tuple[Item, Decoded]]) -> None:
         with self._timed("batch"):

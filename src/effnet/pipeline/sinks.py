@@ -8,11 +8,14 @@ Rows have the columns `path, width, height, <result>, error, size_bytes, mtime_n
 - `error`: null on success, else why the input failed ("file not found", "truncated image data ...");
 - `size_bytes`, `mtime_ns`: the file as it was read; with `path` they are the resume key.
 
-`ParquetSink` writes OUT through a folder `OUT.parts/`: every `shard_rows` rows (or `shard_seconds`) the buffer
-becomes one Parquet file, written to a temporary name and renamed (atomic on POSIX), so an interrupted run
-leaves only whole shards. On the next run with the same OUT, the rows in OUT (if a previous run finished) and in
-OUT.parts/ are "done" and skipped; `finish` merges them in input order into OUT (again temp + rename) and
-removes OUT.parts/. The merge streams row group by row group, so it never holds the whole output in memory.
+`ParquetSink` writes OUT through a folder `OUT.parts/`: every `shard_rows` rows, or when a time limit has passed
+since the last shard, the buffer becomes one Parquet file. The time limit starts at `FIRST_SHARD_SECONDS` and
+doubles with each shard up to `shard_seconds`, so a job killed early keeps its first seconds of work while a long
+job still writes few, large shards (one small shard costs milliseconds). Each shard is written to a temporary
+name and renamed (atomic on POSIX), so an interrupted run leaves only whole shards. On the next run with the
+same OUT, the rows in OUT (if a previous run finished) and in OUT.parts/ are "done" and skipped; `finish` merges
+them in input order into OUT (again temp + rename) and removes OUT.parts/. A run with no inputs writes nothing.
+OUT's folder must be writable before the job starts, and OUT must end in .parquet or .npy. The merge streams row group by row group, so it never holds the whole output in memory.
 Each file records the run's settings in its Parquet metadata (key b"effnet"); resuming with other settings is
 refused rather than mixing two models' vectors in one file.
 
@@ -40,6 +43,8 @@ from .batch import Batch
 from .sources import Item
 
 METADATA_KEY = b"effnet"
+OUTPUT_SUFFIXES = (".parquet", ".npy")
+FIRST_SHARD_SECONDS = 4.0
 DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
 Key = tuple[str, "int | None", "int | None"]
 
@@ -191,6 +196,9 @@ class ParquetSink:
         overwrite: bool = False,
     ):
         self.out = Path(out)
+        if self.out.suffix.lower() not in OUTPUT_SUFFIXES:
+            raise EffnetError(f"-o {self.out}: effnet writes Parquet; name the output OUT.parquet (or OUT.npy for "
+                              "embeddings as a matrix)")
         self.as_npy = self.out.suffix.lower() == ".npy"
         if self.as_npy and not isinstance(columns, EmbeddingColumns):
             raise EffnetError(f"{self.out}: .npy output holds embeddings only; write classifications to .parquet")
@@ -202,6 +210,8 @@ class ParquetSink:
         self.buffer: list[pa.Table] = []
         self.buffered_rows = 0
         self.last_write = time.monotonic()
+        self.flush_seconds = min(FIRST_SHARD_SECONDS, shard_seconds)  # doubles per shard, up to shard_seconds
+        _check_writable(self.out, self.parts)
         if overwrite:
             for path in (self.out, self.sidecar):
                 if path is not None and path.exists():
@@ -228,8 +238,9 @@ class ParquetSink:
         table = batch_table(batch, outputs, self.columns, self.schema)
         self.buffer.append(table)
         self.buffered_rows += table.num_rows
-        if self.buffered_rows >= self.shard_rows or time.monotonic() - self.last_write >= self.shard_seconds:
+        if self.buffered_rows >= self.shard_rows or time.monotonic() - self.last_write >= self.flush_seconds:
             self.flush()
+            self.flush_seconds = min(2 * self.flush_seconds, self.shard_seconds)
 
     def flush(self) -> None:
         """Write the buffered rows as one shard (temp file + rename)."""
@@ -249,6 +260,10 @@ class ParquetSink:
 
     def finish(self, items: list[Item]) -> tuple[None, Summary]:
         """Merge OUT and OUT.parts/ into OUT in the order of `items`; remove OUT.parts/."""
+        if not items:  # nothing to write: leave no empty OUT behind (the caller reports "found no images")
+            if self.parts.exists() and not any(self.parts.iterdir()):
+                self.parts.rmdir()
+            return None, summarize([])
         self.flush()
         self.done()  # re-index: now includes this run's shards
         missing = [item.path for item in items if item.key not in self._index]
@@ -386,8 +401,29 @@ class _Unit:
         )
 
 
+def _check_writable(out: Path, parts: Path) -> None:
+    """Fail before the job, not at its first shard: OUT's folder must exist (or be creatable) and be writable."""
+    if out.is_dir():
+        raise EffnetError(f"-o {out} is a folder; give a file name such as {out / 'out.parquet'}")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK) or (
+            parts.exists() and not os.access(parts, os.W_OK | os.X_OK)):
+        raise EffnetError(f"-o {out}: cannot write in {folder if not parts.exists() else parts} (permission denied "
+                          "or not a folder); choose another -o")
+
+
 def _units_of(path: Path, check, npy: Path | None = None) -> list[_Unit]:
-    file = pq.ParquetFile(path)
+    try:
+        file = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as error:
+        if path.parent.name.endswith(".parts"):
+            raise EffnetError(
+                f"{path} is not a readable shard ({error}); it is left from an interrupted run. Set it aside "
+                f"(mv '{path}' '{path}.corrupt') and run again: its rows are recomputed") from None
+        raise EffnetError(f"{path} exists and is not a Parquet file effnet can read ({error}); pass --overwrite to "
+                          "replace it, or write to another -o") from None
     check(path, file.schema_arrow)
     units, start = [], 0
     for group in range(file.num_row_groups):

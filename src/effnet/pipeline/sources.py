@@ -3,7 +3,9 @@
 An argument is one of:
 - an image file (any extension: a bad file is reported on its row, not skipped);
 - a folder, walked recursively in sorted order, taking files with an image extension (`IMAGE_EXTENSIONS`) and
-  skipping hidden files and folders (names starting with "."; e.g. macOS `._photo.jpg` resource forks);
+  skipping hidden files and folders (names starting with "."; e.g. macOS `._photo.jpg` resource forks). What
+  the walk skips is counted in `Sources.skipped` (the CLI's summary says so); a folder it cannot list becomes
+  an error row;
 - a glob (`photos/**/*.jpg`), expanded in sorted order; matched folders are walked as above;
 - a manifest, recognised by its extension: `.txt`/`.lst` (one path per line, `#` comments), `.csv`/`.tsv`, or
   `.parquet` (a column named `path`, or `path_column`). Relative entries are relative to the manifest's folder;
@@ -16,6 +18,7 @@ Inputs are de-duplicated by normalised path; the first spelling is kept.
 
 from __future__ import annotations
 
+import collections
 import csv
 import datetime as dt
 import glob
@@ -27,10 +30,19 @@ from typing import Iterator, Sequence
 
 from ..errors import EffnetError
 
+
+def _pillow_reads_avif() -> frozenset[str]:
+    from PIL import features
+
+    return frozenset({".avif"}) if features.check("avif") else frozenset()
+
+
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif"}
+    | _pillow_reads_avif()
 )
 MANIFEST_EXTENSIONS = frozenset({".txt", ".lst", ".csv", ".tsv", ".parquet"})
+MAX_MANIFEST_FIELD = 1 << 20  # bytes in one CSV field: a path is never this long; Python's default is 128 KiB
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.\-]*://")
 
@@ -62,6 +74,8 @@ class Sources:
             arguments = [arguments]
         self.arguments = [os.fspath(argument) for argument in arguments]
         self.path_column = path_column
+        # what folder walks saw and did not take: "with extension .heic", "without extension" ... -> count
+        self.skipped: collections.Counter[str] = collections.Counter()
 
     def __call__(self) -> Iterator[Item]:
         seen: set[str] = set()
@@ -77,7 +91,7 @@ class Sources:
             yield from _UrlLister(argument, self.path_column)()
             return
         if os.path.isdir(argument):
-            yield from _walk(argument)
+            yield from _walk(argument, self.skipped)
         elif os.path.isfile(argument) and _extension(argument) in MANIFEST_EXTENSIONS:
             yield from (_entry_item(path) for path in _read_manifest(argument, self.path_column, open))
         elif os.path.exists(argument):
@@ -88,7 +102,7 @@ class Sources:
                 yield Item(argument, error="no file matches this pattern")
             for match in matches:
                 if os.path.isdir(match):
-                    yield from _walk(match)
+                    yield from _walk(match, self.skipped)
                 elif _extension(match) in IMAGE_EXTENSIONS:
                     yield _local_item(match)
         else:
@@ -106,6 +120,8 @@ def _local_item(path: str) -> Item:
         return Item(path, error="file not found")
     except OSError as error:
         return Item(path, error=f"cannot read: {error.strerror or error}")
+    except ValueError:  # os.stat: "embedded null byte"
+        return Item(path, error="not a valid path (it contains a NUL byte)")
     if not os.path.isfile(path):
         return Item(path, stat.st_size, stat.st_mtime_ns, error="not a regular file")
     return Item(path, stat.st_size, stat.st_mtime_ns)
@@ -116,16 +132,48 @@ def _entry_item(path: str) -> Item:
     return _UrlLister._item(path) if is_url(path) else _local_item(path)
 
 
-def _walk(folder: str) -> Iterator[Item]:
-    for root, dirs, files in os.walk(folder):
+def _walk(folder: str, skipped: collections.Counter) -> Iterator[Item]:
+    unlistable: list[OSError] = []  # os.walk reports a folder it cannot list here, and goes on
+    for root, dirs, files in os.walk(folder, onerror=unlistable.append):
+        yield from _unlistable(unlistable)
+        skipped["hidden (name starts with .)"] += sum(d.startswith(".") for d in dirs)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # in-place: os.walk descends in this order
         for name in sorted(files):
-            if not name.startswith(".") and _extension(name) in IMAGE_EXTENSIONS:
+            if name.startswith("."):
+                skipped["hidden (name starts with .)"] += 1
+            elif _extension(name) not in IMAGE_EXTENSIONS:
+                skipped[f"with extension {_extension(name)}" if _extension(name) else "without extension"] += 1
+            else:
                 yield _local_item(os.path.join(root, name))
+    yield from _unlistable(unlistable)
+
+
+def _unlistable(errors: list[OSError]) -> Iterator[Item]:
+    """A folder the walk could not list gets an error row (its images would otherwise vanish without a trace)."""
+    while errors:
+        error = errors.pop(0)
+        reason = "permission denied" if isinstance(error, PermissionError) else error.strerror or str(error)
+        yield Item(error.filename, error=f"cannot list this folder: {reason}")
 
 
 def _read_manifest(path: str, path_column: str, opener) -> list[str]:
     """The entries of a manifest file, joined to the manifest's folder when relative."""
+    import pyarrow as pa
+
+    try:
+        entries = _manifest_entries(path, path_column, opener)
+    except UnicodeDecodeError as error:
+        raise EffnetError(f"manifest {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+                          f"{error.start}); save it as UTF-8") from None
+    except PermissionError:
+        raise EffnetError(f"manifest {path}: permission denied (cannot read it)") from None
+    except (csv.Error, pa.ArrowException, OSError) as error:
+        kind = "Parquet file" if _extension(path) == ".parquet" else "manifest"
+        raise EffnetError(f"manifest {path} is not a readable {kind}: {error}") from None
+    return [_join(path, entry) for entry in entries]
+
+
+def _manifest_entries(path: str, path_column: str, opener) -> list[str]:
     extension = _extension(path)
     if extension == ".parquet":
         import pyarrow.parquet as pq
@@ -137,8 +185,11 @@ def _read_manifest(path: str, path_column: str, opener) -> list[str]:
                 f"manifest {path} has no column {path_column!r} (columns: {', '.join(table.column_names)}); "
                 "name the column of paths with --path-column"
             )
-        entries = [str(value) for value in table.column(path_column).to_pylist() if value]
+        # a binary column holds paths as bytes: decode them as the file system would, never as "b'...'"
+        entries = [os.fsdecode(value) if isinstance(value, bytes) else str(value)
+                   for value in table.column(path_column).to_pylist() if value]
     elif extension in (".csv", ".tsv"):
+        csv.field_size_limit(MAX_MANIFEST_FIELD)
         with opener(path, "r", newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle, delimiter="\t" if extension == ".tsv" else ",")
             if path_column not in (reader.fieldnames or []):
@@ -151,7 +202,7 @@ def _read_manifest(path: str, path_column: str, opener) -> list[str]:
         with opener(path, "r", encoding="utf-8-sig") as handle:
             lines = (line.strip() for line in handle)
             entries = [line for line in lines if line and not line.startswith("#")]
-    return [_join(path, entry) for entry in entries]
+    return entries
 
 
 def _join(manifest: str, entry: str) -> str:
