@@ -1,0 +1,157 @@
+"""The dynamic batcher: concurrent requests for one model are merged into engine batches.
+
+    batcher = Batcher(run, max_batch_images=16, max_delay=0.005, max_queue_images=256, metrics=...)
+    outputs = await batcher.submit(images)  # (n, H, W, 3) float32 -> whatever `run` returns for those rows
+
+Requests wait in a queue. The batch loop takes the oldest request, then keeps taking requests of the same image
+size until the batch holds `max_batch_images` images or `max_delay` has passed since the first one arrived, and
+hands the batch to `run` on the engine's own thread; while the engine runs, the event loop keeps accepting and
+decoding the next requests (decoding happens before `submit`, in the decode pool, beside the engine). Requests
+of another image size stay queued, in order, for a later batch. A request larger than the batch limit runs alone
+(the engine splits it into chunks of its own batch size).
+
+Back-pressure: a request that would take the queue over `max_queue_images` is refused at once (`QueueFull`,
+answered 503 with Retry-After) instead of waiting behind work it cannot overtake. A request whose caller stopped
+waiting (timeout, disconnect) is dropped from the queue before it costs an engine call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from kserve.errors import ServerNotReady
+
+
+class QueueFull(ServerNotReady):
+    """The model's queue is full: try again shortly (503 + Retry-After over REST). A `ServerNotReady` so that the
+    SDK's gRPC interceptor answers UNAVAILABLE rather than INTERNAL."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.reason = message  # what the gRPC interceptor sends
+
+
+@dataclass
+class _Request:
+    images: np.ndarray  # (n, H, W, 3) float32
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Merges concurrent `submit` calls into calls of `run(batch)`, run one at a time on a dedicated thread."""
+
+    def __init__(self, run: Callable[[np.ndarray], tuple], *, max_batch_images: int, max_delay: float,
+                 max_queue_images: int, metrics=None):
+        self.run = run  # (N, H, W, 3) float32 -> tuple of arrays with N rows each
+        self.max_batch_images = max_batch_images
+        self.max_delay = max_delay
+        self.max_queue_images = max_queue_images
+        self.metrics = metrics  # serve.metrics.ModelMetrics or None
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._queued_images = 0
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        # One thread: the engine's own threads do the parallel work; a second batch would only compete with them.
+        self._engine_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="effnet-engine")
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    async def submit(self, images: np.ndarray) -> tuple:
+        """Run `images` in the next batch that has room; the rows of `run`'s outputs for them."""
+        self._start()
+        if self._queued_images + len(images) > self.max_queue_images and self._queue:
+            raise QueueFull(f"the queue holds {self._queued_images} images, the limit is {self.max_queue_images} "
+                            "(--max-queue-images); retry shortly")
+        request = _Request(images, asyncio.get_running_loop().create_future())
+        self._queue.append(request)
+        self._queued_images += len(images)
+        self._report_depth()
+        self._wakeup.set()
+        return await request.future
+
+    def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self._engine_thread.shutdown(wait=False, cancel_futures=True)
+
+    def _start(self) -> None:
+        # Started on first use, in the loop that serves requests (the server's, or a Ray Serve replica's).
+        if self._loop_task is None or self._loop_task.done():
+            self._wakeup = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop(), name="effnet-batcher")
+
+    def _report_depth(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_images.set(self._queued_images)
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._drop_abandoned()
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            first = self._queue[0]
+            deadline = first.arrived + self.max_delay
+            while self._images_like(first) < self.max_batch_images and time.perf_counter() < deadline:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), max(0.0, deadline - time.perf_counter()))
+                except asyncio.TimeoutError:
+                    break
+            batch = self._take_batch(first)
+            if not batch:
+                continue
+            images = batch[0].images if len(batch) == 1 else np.concatenate([r.images for r in batch])
+            started = time.perf_counter()
+            try:
+                outputs = await loop.run_in_executor(self._engine_thread, self.run, images)
+            except Exception as error:  # noqa: BLE001 - the engine's failure is every batched request's failure
+                for request in batch:
+                    if not request.future.done():
+                        request.future.set_exception(error)
+                continue
+            if self.metrics is not None:
+                self.metrics.engine_seconds.observe(time.perf_counter() - started)
+                self.metrics.batch_images.observe(len(images))
+            start = 0
+            for request in batch:
+                stop = start + len(request.images)
+                if not request.future.done():
+                    request.future.set_result(tuple(None if o is None else o[start:stop] for o in outputs))
+                start = stop
+
+    def _images_like(self, first: _Request) -> int:
+        size = first.images.shape[1:]
+        return sum(len(r.images) for r in self._queue if r.images.shape[1:] == size)
+
+    def _take_batch(self, first: _Request) -> list[_Request]:
+        """The oldest request and the next requests of its image size that fit; the rest keep their order."""
+        size, batch, kept, count = first.images.shape[1:], [], collections.deque(), 0
+        for request in self._queue:
+            fits = request.images.shape[1:] == size and (not batch or count + len(request.images) <= self.max_batch_images)
+            if fits and not request.future.done():
+                batch.append(request)
+                count += len(request.images)
+            elif not request.future.done():
+                kept.append(request)
+        self._queue = kept
+        self._queued_images = sum(len(r.images) for r in kept)
+        self._report_depth()
+        return batch
+
+    def _drop_abandoned(self) -> None:
+        if any(r.future.done() for r in self._queue):
+            self._queue = collections.deque(r for r in self._queue if not r.future.done())
+            self._queued_images = sum(len(r.images) for r in self._queue)
+            self._report_depth()

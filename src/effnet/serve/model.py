@@ -1,0 +1,225 @@
+"""One served effnet module: a `kserve.Model` whose `preprocess` parses and decodes, `predict` waits for the
+batcher, and `postprocess` answers in the protocol the request came in.
+
+    model = EffnetModel("efficientnet_lite0", "efficientnet_lite0", ServeSettings(engine="torch"))
+    model.load()   # the module, its engine (timed once here with engine="auto", never per request), the decoder
+
+The SDK calls `__call__` (preprocess -> validate -> predict -> postprocess) for V1 `:predict`, V2 REST (JSON and
+binary tensors) and V2 gRPC alike; V1 bodies arrive as dicts, V2 requests as `InferRequest`. Outputs are named as
+the hub signatures: `feature_vector` (N, D) always, `logits` (N, classes) for classification modules. Both come
+from one engine call: the engine runs the "features" signature and the classifier (one linear layer) is applied
+to its output, so a client asking for both pays for one forward pass.
+
+Encoded images are decoded with the pipeline's own `Decoder` and `to_tensor` (the same recipe, resampling and
+float conversion as `effnet embed/classify`, so a file gives the same vector here as in a batch job), in the
+decode thread pool, beside the engine's thread. Only the formats in `ENCODED_FORMATS` are opened: requests are
+untrusted, and Pillow's other plug-ins (EPS via Ghostscript, for one) are not for the open internet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from kserve import Model
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+
+from ..pipeline.batch import to_tensor
+from ..pipeline.decode import Decoder, recipe_for
+from .batching import Batcher
+from .inputs import BadInput, Parsed, parse_v1, parse_v2
+from .metrics import ModelMetrics
+
+ENCODED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow's JPEG opener also gives cameras' MPO files
+OUTPUTS = ("feature_vector", "logits")
+
+
+class RequestTimeout(Exception):
+    """A request that waited longer than --timeout for its batch (504)."""
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How every served model runs (the `effnet serve` options)."""
+
+    engine: str = "auto"
+    precision: str = "fp32"
+    max_batch_images: int = 16  # images per engine call
+    max_delay: float = 0.005  # seconds the first request of a batch waits for others
+    max_queue_images: int = 256  # images waiting before new requests get 503
+    max_request_images: int = 64  # images in one request
+    timeout: float = 30.0  # seconds a request may wait for its result
+    engine_threads: int | None = None  # torch intra-op threads (None: see command.split_cores)
+    engine_options: tuple[tuple[str, object], ...] = ()  # create_engine(**options): threads=, fold_batch_norm= ...
+
+
+class EffnetModel(Model):
+    """An effnet module served under `name`; `source` is anything `effnet.load` takes, or a loaded module."""
+
+    def __init__(self, name: str, source, settings: ServeSettings = ServeSettings(),
+                 decode_pool: concurrent.futures.Executor | None = None):
+        super().__init__(name)
+        self.source = source
+        self.settings = settings
+        self.decode_pool = decode_pool
+        # `engine_`, not `engine`: the SDK's model base class uses `self.engine` as a flag ("start an engine task").
+        self.network = self.engine_ = self.decoder = self.batcher = None
+        self.classifier = self.labels = None
+
+    # -- life cycle -------------------------------------------------------------------------------------------
+
+    def load(self) -> bool:
+        import effnet
+        from ..engines import create_engine
+
+        if self.ready:  # the SDK's RayModel.load() asks a replica that loaded itself already
+            return True
+        settings = self.settings
+        if settings.engine_threads:
+            torch.set_num_threads(settings.engine_threads)
+        network = effnet.load(self.source) if isinstance(self.source, str) else self.source
+        network.eval()
+        spec = network.spec
+        size = spec.native_size
+        self.network = network
+        self.decoder = Decoder(size, recipe_for(spec.name, spec.family), "crop")
+        self.engine_ = create_engine(network, settings.engine, settings.precision, input_size=(size, size),
+                                     signature="features", batch_size=settings.max_batch_images,
+                                     **dict(settings.engine_options))
+        self.classifier = network.classifier
+        self.labels = getattr(network, "labels", None)
+        self.batcher = Batcher(self._run, max_batch_images=settings.max_batch_images, max_delay=settings.max_delay,
+                               max_queue_images=settings.max_queue_images, metrics=self.metrics)
+        self.ready = True
+        return self.ready
+
+    @property
+    def metrics(self) -> ModelMetrics:
+        return ModelMetrics.for_model(self.name)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return OUTPUTS if self.classifier is not None else OUTPUTS[:1]
+
+    @property
+    def description(self) -> str:
+        return f"{self.name}: {self.network.spec.name} ({self.engine_.description})"
+
+    def stop(self):
+        if self.batcher is not None:
+            self.batcher.close()
+
+    # -- metadata (V2 /v2/models/NAME) ------------------------------------------------------------------------
+
+    def get_input_types(self):
+        return [{"name": "images", "datatype": "FP32", "shape": [-1, -1, -1, 3]}]
+
+    def get_output_types(self):
+        dims = {"feature_vector": self.network.spec.feature_dim, "logits": self.network.spec.num_classes}
+        return [{"name": name, "datatype": "FP32", "shape": [-1, dims[name]]} for name in self.outputs]
+
+    # -- the request path -------------------------------------------------------------------------------------
+
+    async def preprocess(self, payload, headers=None) -> Parsed:
+        limit = self.settings.max_request_images
+        parsed = parse_v2(payload, limit) if isinstance(payload, InferRequest) else parse_v1(payload, limit)
+        if parsed.outputs:
+            unknown = [name for name in parsed.outputs if name not in self.outputs]
+            if unknown:
+                raise BadInput(f"unknown output(s) {unknown}; {self.name} has {list(self.outputs)}")
+        if parsed.classification and self.classifier is None:
+            raise BadInput(f"the classification extension needs logits; {self.name} is a feature-vector module")
+        encoded = [image for image in parsed.images if image.encoded is not None]
+        if encoded:
+            await self._decode(encoded)
+        pixel_count = len(parsed.images) - len(encoded)
+        if pixel_count:
+            self.metrics.images_pixels.inc(pixel_count)
+        sizes = {image.pixels.shape for image in parsed.images}
+        if len(sizes) > 1:  # only possible in V1, where each instance is its own list
+            raise BadInput(f"all images of one request must have the same size, got {sorted(s[:2] for s in sizes)}")
+        return parsed
+
+    def validate(self, payload):
+        return payload  # checked in preprocess, with messages that name the field
+
+    async def predict(self, parsed: Parsed, headers=None) -> tuple[Parsed, np.ndarray, np.ndarray | None]:
+        images = np.stack([image.pixels for image in parsed.images])
+        try:
+            features, logits = await asyncio.wait_for(self.batcher.submit(images), self.settings.timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"no result within {self.settings.timeout:g} s (--timeout); the server is "
+                                 "overloaded or the request too large") from None
+        return parsed, features, logits
+
+    async def postprocess(self, result, headers=None, response_headers=None):
+        parsed, features, logits = result
+        arrays = {"feature_vector": features, "logits": logits}
+        if parsed.protocol == "v2":
+            return self._v2_response(parsed, arrays)
+        names = self.outputs
+        if parsed.protocol == "v1-rows":  # TF Serving: one output -> a list of values, several -> a list of dicts
+            if len(names) == 1:
+                return {"predictions": arrays[names[0]].tolist()}
+            return {"predictions": [{name: arrays[name][i].tolist() for name in names} for i in range(len(features))]}
+        if len(names) == 1:
+            return {"outputs": arrays[names[0]].tolist()}
+        return {"outputs": {name: arrays[name].tolist() for name in names}}
+
+    def _v2_response(self, parsed: Parsed, arrays: dict) -> InferResponse:
+        request = parsed.request
+        outputs = []
+        for name in parsed.outputs or self.outputs:
+            array = arrays[name]
+            if parsed.classification and name == "logits":
+                array, datatype = self._classes(array, parsed.classification), "BYTES"
+            else:
+                array, datatype = np.ascontiguousarray(array, np.float32), "FP32"
+            output = InferOutput(name, list(array.shape), datatype)
+            # Held as raw bytes: the SDK's to_grpc() tests `output.data` for truth, which fails on a numpy array;
+            # to_rest() turns raw bytes back into JSON data when the client did not ask for binary.
+            output.set_data_from_numpy(array, binary_data=True)
+            outputs.append(output)
+        return InferResponse(request.id or str(uuid.uuid4()), self.name, outputs, from_grpc=request.from_grpc,
+                             use_binary_outputs=request.use_binary_outputs, requested_outputs=request.request_outputs)
+
+    def _classes(self, logits: np.ndarray, k: int) -> np.ndarray:
+        """Triton's classification extension: the top k as "score:index:label" BYTES strings, (N, k)."""
+        k = min(k, logits.shape[1])
+        top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+        labels = self.labels or []
+        rows = [[f"{row[i]:f}:{i}:{labels[i] if i < len(labels) else ''}".encode() for i in indices]
+                for row, indices in zip(logits, top)]
+        return np.array(rows, dtype=np.object_)
+
+    async def _decode(self, images) -> None:
+        loop = asyncio.get_running_loop()
+        if self.decode_pool is None:  # used without `effnet serve` or ray_serve, which size it (split_cores)
+            self.decode_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="effnet-decode")
+        decoded = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, self.decoder.decode_bytes,
+                                                              image.encoded, ENCODED_FORMATS) for image in images))
+        metrics = self.metrics
+        metrics.images_encoded.inc(len(images))
+        for image, result in zip(images, decoded):
+            metrics.decode_seconds.observe(result.seconds)
+            if result.error is not None:
+                raise BadInput(f"{image.name}: cannot decode the image: {result.error}")
+        # The batch stage's own uint8 -> float conversion, so the pixels equal effnet embed's bit for bit.
+        pixels = to_tensor([result.pixels for result in decoded]).permute(0, 2, 3, 1).numpy()  # (n, S, S, 3)
+        for image, array in zip(images, pixels):
+            image.pixels, image.encoded = array, None
+
+    def _run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """One engine call, on the engine thread: (N, H, W, 3) -> feature vectors and, with a classifier, logits."""
+        batch = torch.from_numpy(images).permute(0, 3, 1, 2)  # NCHW view in channels_last layout, as embed passes
+        features = self.engine_(batch)
+        logits = None
+        if self.classifier is not None:
+            with torch.inference_mode():
+                logits = self.classifier(torch.from_numpy(np.ascontiguousarray(features))).numpy()
+        return features, logits
+

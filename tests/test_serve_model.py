@@ -1,0 +1,54 @@
+"""EffnetModel's request path without a server: a request that waits past --timeout gets RequestTimeout (504)
+and leaves the queue before it costs an engine call; V1 answers are shaped as TF Serving's."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from effnet.serve.batching import Batcher
+from effnet.serve.inputs import Image, Parsed
+from effnet.serve.model import EffnetModel, RequestTimeout, ServeSettings
+
+
+def test_a_request_past_its_timeout_gets_504_and_never_runs():
+    gate, calls = threading.Event(), []
+
+    def engine(images):
+        gate.wait(10)
+        calls.append(len(images))
+        return np.zeros((len(images), 2), np.float32), None
+
+    async def main():
+        model = EffnetModel("m", None, ServeSettings(timeout=0.2))
+        model.batcher = Batcher(engine, max_batch_images=1, max_delay=0.0, max_queue_images=10)
+        busy = asyncio.ensure_future(model.batcher.submit(np.zeros((1, 2, 2, 3), np.float32)))  # holds the engine
+        await asyncio.sleep(0.05)
+        parsed = Parsed([Image("instances[0]", pixels=np.zeros((2, 2, 3), np.float32))], "v1-rows")
+        with pytest.raises(RequestTimeout, match="--timeout"):
+            await model.predict(parsed)
+        gate.set()
+        await busy
+        await asyncio.sleep(0.05)
+        model.batcher.close()
+
+    asyncio.run(main())
+    assert calls == [1]  # only the request that held the engine ran
+
+
+def test_v1_answers_are_shaped_as_tf_servings():
+    model = EffnetModel("m", None)
+    model.classifier = object()  # a classification module: two outputs
+    features, logits = np.ones((2, 3), np.float32), np.zeros((2, 4), np.float32)
+
+    def answer(protocol):
+        return asyncio.run(model.postprocess((Parsed([], protocol), features, logits)))
+
+    rows = answer("v1-rows")["predictions"]
+    assert len(rows) == 2 and rows[0]["feature_vector"] == [1.0] * 3 and rows[0]["logits"] == [0.0] * 4
+    assert answer("v1-columns")["outputs"]["logits"] == logits.tolist()
+    model.classifier = None  # a feature-vector module: one output, a plain list per image (TF Serving's rule)
+    assert asyncio.run(model.postprocess((Parsed([], "v1-rows"), features, None))) == {"predictions": features.tolist()}
