@@ -38,7 +38,7 @@ THREADS = 1
 PER_CLASS = 80  # into DATA: 800 images -> 600 train / 200 validation at --val-fraction 0.25
 HOLDOUT_PER_CLASS = 10
 SIZE = 64
-LINEAR_PROBE_MIN_ACCURACY = 0.88  # measured 0.93-0.94 on the holdout (docs/finetune.md)
+LINEAR_PROBE_MIN_ACCURACY = 0.90  # the converged probe: measured 0.930 on the holdout (docs/finetune.md)
 FINE_TUNE_MIN_ACCURACY = 0.95  # the issue's target; measured 0.98
 
 
@@ -96,12 +96,15 @@ def fine_tuned(digits, tmp_path_factory) -> Path:
 def test_linear_probe_on_real_digits_reaches_its_measured_accuracy(digits, holdout, tmp_path):
     out = tmp_path / "probe"
     finetune(digits, "-m", "efficientnet_lite0", "-o", out, "--mode", "linear-probe", "--size", SIZE,
-             "--epochs", 30, "--val", holdout, "--patience", 10)
+             "--val", holdout)
     report = json.loads((out / "report.json").read_text())
-    history = (out / "metrics.jsonl").read_text().splitlines()
-    assert len(history) == report["epochs_run"]
-    assert report["epochs_run"] == (report["best_epoch"] + 10 if report["stopped_early"] else 30)
-    print(f"\nlinear probe: holdout accuracy {report['val_accuracy']:.4f} (best epoch {report['best_epoch']}), "
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # one full-batch solve, recorded as epoch 1; its validation accuracy is the fit on train only (the sweep's)
+    assert report["epochs_run"] == report["best_epoch"] == len(history) == 1
+    chosen = [row for row in report["probe"]["sweep"] if row["l2"] == report["probe"]["l2"]]
+    assert chosen and chosen[0]["val_accuracy"] == report["val_accuracy"] == history[0]["val_accuracy"]
+    assert report["val_accuracy"] == max(row["val_accuracy"] for row in report["probe"]["sweep"])
+    print(f"\nlinear probe: holdout accuracy {report['val_accuracy']:.4f} (l2 {report['probe']['l2']:.3g}), "
           f"{report['seconds']} s")
     assert (report["train_images"], report["val_images"]) == (10 * PER_CLASS, 10 * HOLDOUT_PER_CLASS)
     assert report["val_accuracy"] >= LINEAR_PROBE_MIN_ACCURACY
@@ -153,7 +156,7 @@ def test_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path):
                 "--seed", 3, "--warmup-epochs", 0.5]
     finetune(*settings, "-o", tmp_path / "straight")
     stopped = finetune(*settings, "-o", tmp_path / "resumed", "--stop-after-epoch", 1)
-    assert "stopped after epoch 1 of 2" in stopped.output
+    assert "stopped after epoch 1;" in stopped.output
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
     assert json.loads((tmp_path / "resumed" / "checkpoints" / "latest.json").read_text())["epoch"] == 1
     finetune(*settings, "-o", tmp_path / "resumed", "--resume")
@@ -164,7 +167,7 @@ def test_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path):
         assert straight.keys() == resumed.keys()
         different = [k for k in straight if not torch.equal(straight[k], resumed[k])]
         assert not different, f"{relative}: {different[:5]}"
-    without_time = lambda out: [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+    without_time = lambda out: [{k: v for k, v in json.loads(line).items() if not k.endswith("seconds")}
                                 for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert without_time(tmp_path / "straight") == without_time(tmp_path / "resumed")
     # batch norm trained (--train-batch-norm): its statistics moved away from Lite0's
@@ -199,7 +202,9 @@ def test_frozen_batch_norm_keeps_its_statistics_while_gamma_and_beta_train():
 
     def train_steps(steps: int) -> None:
         images, targets = photo_batch(SIZE), torch.arange(4)  # the four real photos, one class each
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        # 0.005: at 0.05 the first step alone separated the 4 photos (loss 0.0), and the backbone's gradients
+        # from then on (~1e-9) left gamma unchanged in float32
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.005)
         for _ in range(steps):
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(images), targets).backward()

@@ -13,7 +13,7 @@ import click
 
 EXIT_INTERRUPTED = 130
 # The choices, repeated from train.py so that --help needs no torch import (test_finetune checks they agree).
-MODES = ("fine-tune", "linear-probe")
+MODES = ("lp-ft", "fine-tune", "linear-probe")
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -27,32 +27,37 @@ RESIZE_MODES = ("crop", "pad", "stretch")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False),
               help="OUTDIR: the new effnet module, with metrics.jsonl, report.json, confusion_matrix.csv, "
                    "curves.png and checkpoints/.")
-@click.option("--mode", type=click.Choice(MODES), default="fine-tune", show_default=True,
-              help="fine-tune: train everything on augmented images; linear-probe: frozen backbone, features "
-                   "computed once, only the new classifier trains (fast on CPU).")
+@click.option("--mode", type=click.Choice(MODES), default="lp-ft", show_default=True,
+              help="linear-probe: frozen backbone, features computed once, logistic regression solved to "
+                   "convergence on them (seconds on a CPU); fine-tune: train everything on augmented images "
+                   "from a zero head; lp-ft: the probe, then fine-tuning from its head at a smaller rate.")
 @click.option("--val", type=click.Path(exists=True), help="Validation folder/CSV [default: split off DATA].")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
               help="Stratified share of DATA held out for validation when there is no --val; 0: none.")
-@click.option("--size", type=click.IntRange(min=1), help="Image size for training and evaluation [default: the "
-                                                          "model's native size].")
+@click.option("--size", type=click.IntRange(min=1), help="Image size for training and evaluation [default: from "
+                                                          "the images, at most the model's native size].")
 @click.option("--resize", type=click.Choice(RESIZE_MODES), default="crop", show_default=True,
               help="Evaluation resize, as `effnet classify --resize`.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1),
+              help="[default: from the data set's size, about 300 steps in 3..30 epochs]; not for linear-probe.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--accumulate", type=click.IntRange(min=1), default=1, show_default=True,
               help="Gradient accumulation: micro-batches per optimizer step.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True),
-              help="Peak learning rate [default: adamw 1e-3 fine-tune / 3e-3 linear probe; sgd 5e-3 / 1e-2].")
+              help="Peak learning rate [default: from the mode and the data set's size: adamw 1e-3 fine-tune, "
+                   "1/3 of it for lp-ft, lower under 1,000 images; sgd 5x].")
 @click.option("--weight-decay", type=click.FloatRange(min=0), help="[default: adamw 1e-2, sgd 1e-4]; never on "
                                                                    "biases and batch-norm gamma/beta.")
 @click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Linear warm-up, then cosine decay to 0.")
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
-@click.option("--min-crop-area", type=click.FloatRange(0, 1, min_open=True), default=0.08, show_default=True,
-              help="Random resized crop: the smallest crop, as a fraction of the image area.")
-@click.option("--flip/--no-flip", default=True, show_default=True,
-              help="Random horizontal flip; turn it off for text, digits, anything a mirror changes.")
+@click.option("--min-crop-area", type=click.FloatRange(0, 1, min_open=True),
+              help="Random resized crop: the smallest crop, as a fraction of the image area [default: from the "
+                   "images' size: 0.5 up to 64 px, 0.25 up to 160 px, else ImageNet's 0.08].")
+@click.option("--flip/--no-flip", default=None,
+              help="Random horizontal flip [default: lp-ft fits the probe, then flips unless the probe scores "
+                   "clearly worse on mirrored validation images; fine-tune: flip]. --no-flip for digits, text.")
 @click.option("--randaugment", "randaugment_layers", type=click.IntRange(min=0), default=0, show_default=True,
               help="RandAugment ops per image (tpu uses 2); 0: off.")
 @click.option("--randaugment-magnitude", type=click.FloatRange(0, 10), default=9.0, show_default=True)
@@ -70,7 +75,9 @@ RESIZE_MODES = ("crop", "pad", "stretch")
 @click.option("--resume", is_flag=True, help="Continue the run checkpointed in OUTDIR, with the same settings.")
 @click.option("--overwrite", is_flag=True, help="Delete the checkpoints of an earlier run in OUTDIR and start over.")
 @click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True, help="Image decoding threads.")
-@click.option("--threads", type=click.IntRange(min=1), help="PyTorch intra-op threads [default: CPU count].")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="PyTorch intra-op threads [default: 1 or the CPU count, whichever trains a step faster here, "
+                   "timed at the start].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no per-epoch lines.")
 def finetune_command(threads: int | None, resume: bool, overwrite: bool, quiet: bool, **options) -> None:
     """Fine-tune MODEL on the labelled images in DATA (one subfolder per class, or a path,label CSV) and
@@ -84,7 +91,7 @@ def finetune_command(threads: int | None, resume: bool, overwrite: bool, quiet: 
         torch.set_num_threads(threads)
     config = Config(**options)
     try:
-        result = run(config, resume=resume, overwrite=overwrite, progress=not quiet)
+        result = run(config, resume=resume, overwrite=overwrite, progress=not quiet, choose_threads=not threads)
     except EffnetError as error:
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:
@@ -92,12 +99,12 @@ def finetune_command(threads: int | None, resume: bool, overwrite: bool, quiet: 
                    "run the same command with --resume to continue", err=True)
         sys.exit(EXIT_INTERRUPTED)
     if not result.finished:
-        click.echo(f"stopped after epoch {result.epochs_run} of {config.epochs}; run the same command with "
+        click.echo(f"stopped after epoch {result.epochs_run}; run the same command with "
                    "--resume to continue", err=True)
         return
     accuracy = "no validation set" if result.val_accuracy is None else (
         f"validation accuracy {result.val_accuracy:.4f} at epoch {result.best_epoch}")
-    click.echo(f"{config.mode}: {len(result.classes)} classes, {result.epochs_run} epochs, {accuracy}"
+    click.echo(f"{config.mode}: {len(result.classes)} classes, {result.epochs_run} epoch(s), {accuracy}"
                f"{' (stopped early)' if result.stopped_early else ''}; {result.seconds:.1f} s -> {result.out}",
                err=True)
     if result.curves is None:

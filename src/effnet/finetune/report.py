@@ -3,7 +3,9 @@
     OUTDIR/metrics.jsonl          one JSON object per epoch (epoch, lr, train_loss, train_accuracy, val_loss,
                                   val_accuracy, seconds), rewritten from the history each epoch
     OUTDIR/confusion_matrix.csv   rows: true class, columns: predicted class, on the validation set, best epoch
-    OUTDIR/report.json            the summary: accuracies, best epoch, per-class recall, the confusion matrix
+    OUTDIR/report.json            the summary: accuracies, best epoch, per-class recall, the confusion matrix,
+                                  "automatic" (each setting chosen from the data, with why), "probe" (the
+                                  linear probe's L2 sweep), "config" (as given), "settings" (as run)
     OUTDIR/curves.png             loss and accuracy per epoch (needs matplotlib: pip install effnet[finetune])
 """
 
