@@ -40,6 +40,7 @@ BOUNDS = {  # (model key, precision) -> max relative error; see the module docst
     ("lite0", "bf16"): 5e-2, ("b0", "bf16"): 2e-2,
     ("lite0", "int8"): 0.25, ("b0", "int8"): 0.1,
 }
+TYPICAL_ERROR = {"fp32": 1e-6, "fp16": 1e-3, "bf16": 1e-2, "int8": 3e-2}  # measured, docs/engines.md
 B0_SIZE = 192  # smaller than B0's 224: the test file must stay under 3 minutes on 2 cores
 
 
@@ -75,7 +76,14 @@ def check(engine, key, models, bound):
     error = relative_error(ours, reference)
     assert ours.shape == reference.shape and ours.dtype == np.float32
     assert error <= bound, f"{engine.description}: relative error {error:.2e} > {bound:.0e}"
-    assert (ours.argmax(1) == reference.argmax(1)).all(), f"{engine.description}: top-1 differs"
+    # Top-1 must agree on every photo whose top-two margin is more than twice the precision's typical error
+    # (docs/engines.md: int8 2-3e-2, bf16 ~1e-2 relative): a near-tie can flip at that error, a decisive one must
+    # not. Real Lite0 at 224 px has three near-ties (chelsea 0.15, astronaut 0.17, rocket 0.43 logits of 11):
+    # int8 flipped the astronaut (bobsled vs football helmet) after a dependency update, with its error in bound.
+    # (B0's conditioned random weights have no decisive margin at int8: there the error bound is the check.)
+    ranked = np.sort(reference, axis=1)
+    decisive = ranked[:, -1] - ranked[:, -2] > 2 * TYPICAL_ERROR[engine.precision] * np.abs(reference).max()
+    assert (ours.argmax(1) == reference.argmax(1))[decisive].all(), f"{engine.description}: top-1 differs"
     return error
 
 
