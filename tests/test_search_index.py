@@ -105,6 +105,27 @@ def test_approximate_recall_at_10_against_exact_on_clustered_vectors():
     assert recall_at_k(found, truth) >= 0.95
 
 
+def test_tuned_hnsw_reaches_its_target_on_queries_off_the_collection(tmp_path):
+    # Queries that are not collection vectors: new draws from the clusters, and copies of collection vectors with
+    # noise (cosine ~0.8 to them, as benchmarks/search.py's queries). Tuned on the held-out collection vectors alone,
+    # efSearch came out at 16 here: fresh draws got 0.98, the copies only 0.86-0.89 (data seeds 0-3); the copies'
+    # top 10 are decided by the noise, which the graph does not know. The index is saved and loaded first, so the
+    # tuned efSearch must also survive storage.
+    vectors = clustered(20_300, 256, clusters=200)
+    vectors, fresh = vectors[:20_000], vectors[20_000:]
+    Index.from_vectors(vectors, kind="hnsw").save(tmp_path / "idx")
+    index = Index.load(tmp_path / "idx")
+    rng = np.random.default_rng(7)
+    picked = vectors[rng.choice(len(vectors), 300, replace=False)]
+    picked /= np.linalg.norm(picked, axis=1, keepdims=True)
+    copies = picked + 0.72 / np.sqrt(256) * rng.standard_normal(picked.shape, dtype=np.float32)  # noise norm 0.72
+    for queries in (fresh, copies):
+        _, found = index.search_vectors(queries, 10)
+        # measured 0.992 and 0.970 (seeds 1-3: >= 0.989 and >= 0.966); the target is the default 0.95
+        assert recall_at_k(found, exact_neighbours(vectors, queries, 10, "cosine")) >= 0.95
+    assert index.meta["tuning"]["recall"] >= 0.95
+
+
 def test_ivf_pq_reaches_its_recall_target():
     vectors = clustered(10_000, 64, clusters=50)
     index = Index.from_vectors(vectors, kind="ivf-pq", recall=0.9)
