@@ -4,6 +4,13 @@
     effnet classify SRC... [-m MODEL] --top-k 5 -o OUT       top-k labels/scores  (effnet.embed.run)
     effnet models                                            the catalogue        (effnet.catalogue.list_modules)
     effnet info MODEL                                        a model's spec, JSON (effnet.create)
+    effnet export MODEL -o OUT.onnx                          ONNX, verified       (effnet.export.to_onnx)
+    effnet finetune DATA -o OUT                              a new head / LP-FT   (effnet.finetune.run)
+    effnet serve [NAME=]MODEL... --port P                    V1 + V2 server       (effnet.serve, on kserve)
+    effnet index EMB.parquet... -o INDEX_DIR                 faiss index          (effnet.search.Index.build)
+    effnet search INDEX_DIR QUERY... -k 10                   nearest images       (effnet.search.Index.search)
+    effnet dedup SRC|EMB.parquet -o groups.parquet           near-duplicates      (effnet.search.dedup)
+    embed/classify ... --ray [ADDRESS]                       on Ray Data          (effnet.scale_out)
 
 Exit status: 0 all inputs done; 3 some inputs failed (their rows say why); 130 interrupted (re-run the same
 command to resume); 1 any other error; 2 bad usage.
@@ -261,12 +268,13 @@ def export(model, file_format, output, signature, size, static_size) -> None:
 
 def _register_commands_of_other_modules() -> None:
     """Commands that live beside their library code (the CLI stays a table of commands over library functions)."""
+    # Each module imports its optional packages (kserve, faiss, ray) only when its command runs.
     from .finetune.command import finetune_command
-    main.add_command(finetune_command)
-    from .serve.command import serve_command; main.add_command(serve_command)  # noqa: E702 - issue 10
-    from .search.command import index_command; main.add_command(index_command)  # noqa: E702 - issue 12
-    from .search.command import search_command; main.add_command(search_command)  # noqa: E702 - issue 12
-    from .search.command import dedup_command; main.add_command(dedup_command)  # noqa: E702 - issue 12
+    from .search.command import dedup_command, index_command, search_command
+    from .serve.command import serve_command
+
+    for command in (finetune_command, serve_command, index_command, search_command, dedup_command):
+        main.add_command(command)
 
 
 _register_commands_of_other_modules()
