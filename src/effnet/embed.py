@@ -160,6 +160,8 @@ def embed(
     precision: str = "fp32",
     device: str = "auto",
     ray: str | bool | None = None,
+    max_pixels: int | None = None,
+    decode_memory: int | None = DEFAULT_DECODE_MEMORY,
 ):
     """Feature vectors of images: (N, feature_dim) float32, one row per input in input order.
 
@@ -170,13 +172,13 @@ def embed(
     engine, precision: see `effnet.engines.create_engine`; "auto" runs a small job on eager torch and times the
     installed engines for a large one (once, then cached). device: "auto" (a CUDA GPU where PyTorch sees one),
     "cpu" or "cuda"; decoding always runs on the host's cores. ray: run on Ray Data ("local", or a cluster's
-    address; see `run`), the same rows.
+    address; see `run`), the same rows. max_pixels, decode_memory: the decode limits of `run` (docs/limits.md).
     """
     if errors not in ("raise", "keep"):
         raise ValueError(f"errors must be 'raise' or 'keep', not {errors!r}")
     report = run(
         "embed", sources, model, size=size, resize=resize, batch_size=batch_size, workers=workers, progress=progress,
-        engine=engine, precision=precision, device=device, ray=ray,
+        engine=engine, precision=precision, device=device, ray=ray, max_pixels=max_pixels, decode_memory=decode_memory,
     )
     table = report.result
     if errors == "raise":
@@ -201,11 +203,14 @@ def classify(
     precision: str = "fp32",
     device: str = "auto",
     ray: str | bool | None = None,
+    max_pixels: int | None = None,
+    decode_memory: int | None = DEFAULT_DECODE_MEMORY,
 ):
     """The top-k classes of images as an Arrow table: path, width, height, labels, indices, scores, error ...
 
     One row per input, in input order; `scores` are softmax probabilities, best first. errors: "raise" or
-    "keep" (failed inputs keep their row, with `error` set and null results). ray: as for `embed`.
+    "keep" (failed inputs keep their row, with `error` set and null results). ray, max_pixels, decode_memory: as
+    for `embed`.
     """
     if errors not in ("raise", "keep"):
         raise ValueError(f"errors must be 'raise' or 'keep', not {errors!r}")
@@ -223,6 +228,8 @@ def classify(
         precision=precision,
         device=device,
         ray=ray,
+        max_pixels=max_pixels,
+        decode_memory=decode_memory,
     )
     if errors == "raise":
         _raise_failures(report.result)
