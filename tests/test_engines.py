@@ -177,6 +177,20 @@ def test_any_size_and_batch_chunking(models, name, run_images):
         assert relative_error(ours, reference) <= FP32
 
 
+def test_openvino_runs_a_lone_image_on_its_own_unpadded_compile(models):
+    """A one-image call (a server answering one client) runs on a batch-1 compile with one stream over every core,
+    not padded into one of the batch's requests (3 images at 224 px here); its answer is still the module's."""
+    model, photos, reference = models["lite0"]
+    engine = create_engine(model, "openvino", "fp32", input_size=(224, 224), batch_size=8)
+    assert set(engine._compiled) == {(3, 3, 224, 224), (1, 1, 224, 224)}  # both compiled by warm_up
+    lone_requests, _ = engine._compiled[(1, 1, 224, 224)]
+    assert lone_requests[0].get_compiled_model().get_property("NUM_STREAMS") == 1
+    for index in range(len(photos)):
+        ours = engine(photos[index:index + 1].numpy())
+        assert relative_error(ours, reference[index:index + 1]) <= FP32
+        np.testing.assert_array_equal(lone_requests[0].get_input_tensor(0).data, photos[index:index + 1].numpy())
+
+
 def test_input_contract_errors(models):
     engine = create_engine(models["lite0"][0], "torch")
     with pytest.raises(TypeError, match="divide uint8 images by 255"):

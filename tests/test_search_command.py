@@ -10,14 +10,14 @@ import pyarrow.parquet as pq
 from click.testing import CliRunner
 
 from effnet.cli import main
-from effnet.search import DEFAULT_THRESHOLD
+from effnet.search import DEFAULT_SIZE, DEFAULT_THRESHOLD
 from effnet.search import command, index
 from tests.test_search_index import clustered, write_embeddings
 
 
 def test_choices_repeated_for_a_fast_help_agree_with_the_library():
     assert command.KINDS == index.KINDS and command.METRICS == index.METRICS
-    assert f"default: {DEFAULT_THRESHOLD}" in dedup_help()
+    assert f"default: {DEFAULT_THRESHOLD}" in dedup_help() and f"default: {DEFAULT_SIZE}" in dedup_help()
     # --help does not import faiss (effnet itself imports torch anyway)
     code = "import sys; from effnet.cli import main; sys.argv=['effnet','index','--help']\ntry: main()\n" \
            "except SystemExit: pass\nassert 'faiss' not in sys.modules, 'imported'"

@@ -1,28 +1,38 @@
 """The dynamic batcher, with a stand-in engine that records its calls: concurrent requests share calls, sizes are
-not mixed, every request gets its own rows back, a full queue refuses at once, abandoned requests cost nothing."""
+not mixed, every request gets its own rows back, a full queue refuses at once, abandoned requests cost nothing.
+With the default `max_delay` (0) a lone request on an idle engine runs at once, and batches form from the requests
+that arrive while the engine runs; a `max_delay` holds a short batch for company (opt-in)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from effnet.serve.batching import Batcher, QueueFull
+from effnet.serve.model import ServeSettings
+
+DEFAULT_DELAY = ServeSettings().max_delay  # what `effnet serve` runs with unless --max-batch-delay-ms is given
+LOOP_TURNS = 10  # event-loop turns (no wall time passes to speak of) after which an idle engine has its request
 
 
 class RecordingEngine:
-    """Returns each image's mean as its "feature" (so rows can be checked), and records the batch sizes."""
+    """Returns each image's mean as its "feature" (so rows can be checked), and records the batch sizes and the
+    outputs each batch was asked for. With a gate, each call waits for it (the engine is busy until then)."""
 
     def __init__(self, gate: threading.Event | None = None):
         self.calls: list[int] = []
+        self.wanted: list[frozenset] = []
         self.gate = gate
 
-    def __call__(self, images: np.ndarray):
+    def __call__(self, images: np.ndarray, wanted: frozenset):
         if self.gate is not None:
             self.gate.wait(10)
         self.calls.append(len(images))
+        self.wanted.append(wanted)
         return images.mean(axis=(1, 2, 3))[:, None], None
 
 
@@ -43,6 +53,72 @@ def test_concurrent_requests_share_engine_calls_and_get_their_own_rows():
     for i, (features, logits) in enumerate(results):
         assert features.shape == (1 + i % 2, 1) and np.all(features == i) and logits is None
     assert sum(engine.calls) == 18 and max(engine.calls) <= 8 and len(engine.calls) < 12
+
+
+def test_32_closed_loop_clients_form_batches_without_a_delay():
+    """The default: no wait for company. Each client sends its next request when its last one is answered; the
+    requests that arrive while the engine runs make the next batch."""
+    engine = RecordingEngine()
+    slow_engine = lambda images, wanted: (time.sleep(0.005), engine(images, wanted))[1]  # noqa: E731 - a busy engine
+
+    async def client(batcher, index):
+        rows = []
+        for round_ in range(3):
+            features, _ = await batcher.submit(_images(1, float(100 * round_ + index)))
+            rows.append(float(features[0, 0]))
+        return rows
+
+    async def main():
+        batcher = Batcher(slow_engine, max_batch_images=16, max_delay=DEFAULT_DELAY, max_queue_images=256)
+        results = await asyncio.gather(*(client(batcher, index) for index in range(32)))
+        batcher.close()
+        return results
+
+    results = asyncio.run(main())
+    assert results == [[float(100 * r + i) for r in range(3)] for i in range(32)]  # every client its own rows
+    assert sum(engine.calls) == 96 and max(engine.calls) == 16 and len(engine.calls) < 96 / 2, engine.calls
+
+
+def test_a_lone_request_on_an_idle_engine_runs_at_once_and_later_ones_batch_behind_it():
+    gate = threading.Event()
+    engine = RecordingEngine(gate)
+
+    async def main():
+        batcher = Batcher(engine, max_batch_images=8, max_delay=DEFAULT_DELAY, max_queue_images=100)
+        lone = asyncio.ensure_future(batcher.submit(_images(1, 1.0)))
+        for _ in range(LOOP_TURNS):
+            await asyncio.sleep(0)
+        assert batcher.queued_images == 0  # already handed to the engine: it did not wait for company
+        later = [asyncio.ensure_future(batcher.submit(_images(1, 2.0 + i))) for i in range(2)]  # engine busy
+        await asyncio.sleep(0.05)
+        gate.set()
+        results = [await lone] + [await request for request in later]
+        batcher.close()
+        return results
+
+    results = asyncio.run(main())
+    assert engine.calls == [1, 2]  # the lone request alone, then the two that came while it ran
+    assert [float(features[0, 0]) for features, _ in results] == [1.0, 2.0, 3.0]
+
+
+def test_a_batch_delay_holds_a_short_batch_for_company():
+    """--max-batch-delay-ms, opt-in: a short batch waits (here up to 10 s) and leaves as soon as it is full."""
+    engine = RecordingEngine()
+
+    async def main():
+        batcher = Batcher(engine, max_batch_images=2, max_delay=10.0, max_queue_images=100)
+        first = asyncio.ensure_future(batcher.submit(_images(1, 1.0), {"feature_vector"}))
+        for _ in range(LOOP_TURNS):
+            await asyncio.sleep(0)
+        assert batcher.queued_images == 1  # still waiting for a second image
+        second = await batcher.submit(_images(1, 2.0), {"logits"})
+        await first
+        batcher.close()
+        return second
+
+    second = asyncio.run(main())
+    assert float(second[0][0, 0]) == 2.0
+    assert engine.calls == [2] and engine.wanted == [{"feature_vector", "logits"}]  # the outputs either one asked for
 
 
 def test_images_of_another_size_wait_for_their_own_batch():
@@ -85,7 +161,7 @@ def test_a_full_queue_refuses_at_once_and_abandoned_requests_are_dropped():
 def test_an_engine_error_fails_the_requests_of_that_batch_only():
     calls = []
 
-    def engine(images):
+    def engine(images, wanted):
         calls.append(len(images))
         if len(calls) == 1:
             raise RuntimeError("engine failed")

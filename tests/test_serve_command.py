@@ -333,8 +333,19 @@ def test_metrics_count_responses_by_code_and_time_decode_and_engine(server):
 @pytest.fixture(scope="module")
 def small_queue_server():
     with running_server("--engine", "torch", "--max-batch-size", "4", "--max-queue-images", "8",
-                        "--max-batch-delay-ms", "5") as running:
+                        "--max-batch-delay-ms", "5", "--log-requests") as running:
         yield running
+
+
+def test_requests_are_logged_only_with_log_requests(server, small_queue_server):
+    for running in (server, small_queue_server):
+        _post(running, f"v1/models/{LITE}:predict", {"instances": [_b64(_jpeg())]})
+    time.sleep(0.5)  # the log is written by the server process
+    quiet, logged = server.log.read_text(errors="replace"), small_queue_server.log.read_text(errors="replace")
+    access = re.compile(rf'uvicorn.access .*"POST /v1/models/{LITE}%3Apredict HTTP/1.1" 200')  # uvicorn quotes ':'
+    timing = re.compile(rf"kserve.trace kserve.io.v1.models.{LITE}:predict: ")
+    assert access.search(logged) and timing.search(logged)
+    assert not access.search(quiet) and not timing.search(quiet)  # the default: no line per request
 
 
 def test_an_encoded_jpeg_gives_the_vector_effnet_embed_writes(small_queue_server, tmp_path):

@@ -1,8 +1,11 @@
 """Batch stage: decoded inputs -> one float32 tensor for the engine, plus the bookkeeping to put rows back.
 
-The decode stage hands over uint8 (S, S, 3) arrays. Stacking them gives an NHWC uint8 buffer; `permute(0, 3, 1,
-2)` views it as NCHW *in channels_last layout* without copying, and the one conversion to float32 in [0, 1]
-keeps that layout, which is the layout the engine runs fastest in on CPU (oneDNN's native NHWC convolutions).
+The decode stage hands over uint8 (S, S, 3) arrays. Stacking them gives an NHWC uint8 buffer, converted to float32
+in [0, 1] in one numpy pass; `permute(0, 3, 1, 2)` views that as NCHW *in channels_last layout* without copying,
+which is the layout the engine runs fastest in on CPU (oneDNN's native NHWC convolutions). numpy, not torch, does
+the conversion: the same IEEE division, bit for bit, but single-threaded, where torch's `.to` + `div_` opened two
+OpenMP regions that fought the engine's and the decoders' threads (1.0 ms an image at 160 px inside a 2-core
+`effnet dedup`, 0.04 ms for numpy).
 Failed inputs travel in the batch too (so every input keeps its place), but only the good ones are stacked.
 """
 
@@ -40,6 +43,5 @@ class Batcher:
 
 def to_tensor(pixels: list[np.ndarray]) -> torch.Tensor:
     """N uint8 (S, S, 3) arrays -> (N, 3, S, S) float32 in [0, 1], channels_last (the model's input contract)."""
-    stacked = torch.from_numpy(np.stack(pixels))  # (N, S, S, 3) uint8
-    images = stacked.permute(0, 3, 1, 2).to(torch.float32)  # keeps the NHWC strides: channels_last
-    return images.div_(255.0)
+    floats = np.divide(np.stack(pixels), np.float32(255), dtype=np.float32)  # (N, S, S, 3)
+    return torch.from_numpy(floats).permute(0, 3, 1, 2)  # a view with NHWC strides: channels_last

@@ -8,7 +8,7 @@ index.py holds `Index` (build/load/search/add, the auto kind choice, atomic writ
 near-duplicates; command.py the click commands `effnet index`, `effnet search`, `effnet dedup`.
 """
 
-from .dedup import DEFAULT_THRESHOLD, dedup
+from .dedup import DEFAULT_SIZE, DEFAULT_THRESHOLD, dedup
 from .index import Index
 
-__all__ = ["Index", "dedup", "DEFAULT_THRESHOLD"]
+__all__ = ["Index", "dedup", "DEFAULT_SIZE", "DEFAULT_THRESHOLD"]

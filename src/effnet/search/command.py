@@ -98,21 +98,23 @@ def search_command(index_dir, queries, k, output, batch_size, quiet) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="groups.parquet: group, path, keep, similarity, width, height, size_bytes, error.")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="Cosine similarity at or above which two images are near-duplicates [default: 0.75, measured: "
+              help="Cosine similarity at or above which two images are near-duplicates [default: 0.7, measured: "
                    "see docs/search.md].")
 @click.option("-m", "--model", default=None, help="Model for image SOURCES [default: efficientnet_lite0].")
+@click.option("--size", type=click.IntRange(min=32), default=None,
+              help="Input size images are embedded at [default: 160, measured: see docs/search.md].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def dedup_command(sources, output, threshold, model, batch_size, quiet) -> None:
+def dedup_command(sources, output, threshold, model, size, batch_size, quiet) -> None:
     """Groups of near-duplicate images in SOURCES (images/folders/manifests, or embeddings Parquet files)."""
     import pyarrow.compute as pc
 
     from ..cli import _errors_as_exit
-    from .dedup import DEFAULT_THRESHOLD, dedup
+    from .dedup import DEFAULT_SIZE, DEFAULT_THRESHOLD, dedup
 
     with _errors_as_exit():
         groups = dedup(list(sources), DEFAULT_THRESHOLD if threshold is None else threshold, model=model,
-                       batch_size=batch_size, progress=not quiet)
+                       size=size or DEFAULT_SIZE, batch_size=batch_size, progress=not quiet)
     _write_parquet(groups, output)
     grouped = groups.filter(pc.is_valid(groups.column("group")))
     count = len(set(grouped.column("group").to_pylist()))

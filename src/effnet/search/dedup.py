@@ -8,8 +8,11 @@ group the suggested file to keep is the largest resolution, then the largest fil
 `similarity` is each member's cosine similarity to that file. Images in no group are not listed; inputs that
 failed to decode are, with `error` set and no group (every input is accounted for).
 
-DEFAULT_THRESHOLD is measured, not guessed: docs/search.md has the precision/recall curve on the near-duplicate
-corpus of the tests (tests/near_duplicates.py), made by benchmarks/dedup_curve.py.
+Images are embedded at DEFAULT_SIZE (centre crop), not the model's native size: near-duplicates share their
+layout and colours, not fine detail, and the smaller input is both faster and, measured, better at telling copies
+from other photos. DEFAULT_SIZE and DEFAULT_THRESHOLD are measured, not guessed: docs/search.md has the
+precision/recall curves on the near-duplicate corpora of the tests (tests/near_duplicates.py) for each size, made
+by benchmarks/dedup_curve.py.
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ import pyarrow as pa
 from ..errors import EffnetError
 from .index import Index, _is_embeddings_file, read_embeddings
 
-# cosine; from the curve in docs/search.md: the weakest copy pair is at 0.80, unrelated photos at most 0.33
-DEFAULT_THRESHOLD = 0.75
+# Lite0 at 160 px groups the 21-photo wide corpus perfectly from cosine 0.50 to 0.80 (224 px: 0.60 to 0.70,
+# 128 px: 0.65 to 0.75); 0.70 leaves room on both sides, more below for the hard negatives (burst shots, one scene
+# from another angle) that real collections have and the corpus does not. See docs/search.md.
+DEFAULT_SIZE = 160
+DEFAULT_THRESHOLD = 0.70
 NEIGHBOURS = 20  # neighbours looked at per image; larger groups still join through shared members
 
 
@@ -53,9 +59,12 @@ def groups_of(vectors: np.ndarray, threshold: float = DEFAULT_THRESHOLD, neighbo
 
 
 def dedup(sources: str | os.PathLike | Sequence[str | os.PathLike], threshold: float = DEFAULT_THRESHOLD, *,
-          model: str = None, neighbours: int = NEIGHBOURS, batch_size: int = 16, workers: int | None = None,
-          progress: bool = False) -> pa.Table:
-    """Near-duplicate groups among images (files, folders, manifests) or the vectors of `effnet embed` files."""
+          model: str = None, size: int = DEFAULT_SIZE, neighbours: int = NEIGHBOURS, batch_size: int = 16,
+          workers: int | None = None, progress: bool = False) -> pa.Table:
+    """Near-duplicate groups among images (files, folders, manifests) or the vectors of `effnet embed` files.
+
+    Images are embedded at `size` px (centre crop); an embeddings file keeps the size it was made at.
+    """
     from ..embed import DEFAULT_MODEL, run
     from ..pipeline.sinks import embedding_matrix
 
@@ -69,7 +78,7 @@ def dedup(sources: str | os.PathLike | Sequence[str | os.PathLike], threshold: f
         table, vectors = read.rows, read.vectors
         errors = pa.nulls(table.num_rows, pa.string())
     else:
-        report = run("embed", sources, model or DEFAULT_MODEL, batch_size=batch_size, workers=workers,
+        report = run("embed", sources, model or DEFAULT_MODEL, size=size, batch_size=batch_size, workers=workers,
                      progress=progress)
         table = report.result
         if table.num_rows == 0:

@@ -1,14 +1,28 @@
 """The dynamic batcher: concurrent requests for one model are merged into engine batches.
 
-    batcher = Batcher(run, max_batch_images=16, max_delay=0.005, max_queue_images=256, metrics=...)
-    outputs = await batcher.submit(images)  # (n, H, W, 3) float32 -> whatever `run` returns for those rows
+    batcher = Batcher(run, max_batch_images=16, max_delay=0.0, max_queue_images=256, metrics=...)
+    outputs = await batcher.submit(images, wanted)  # (n, H, W, 3) float32 -> the rows of `run`'s outputs for them
 
-Requests wait in a queue. The batch loop takes the oldest request, then keeps taking requests of the same image
-size until the batch holds `max_batch_images` images or `max_delay` has passed since the first one arrived, and
-hands the batch to `run` on the engine's own thread; while the engine runs, the event loop keeps accepting and
-decoding the next requests (decoding happens before `submit`, in the decode pool, beside the engine). Requests
-of another image size stay queued, in order, for a later batch. A request larger than the batch limit runs alone
-(the engine splits it into chunks of its own batch size).
+`run(batch, wanted)` gets the union of the batch's requests' `wanted` (output names), so an output nobody in the
+batch asked for is not computed.
+
+Requests wait in a queue. Whenever the engine is free, the batch loop takes the oldest request and the next
+queued requests of the same image size, up to `max_batch_images` images, and hands them to `run` on the engine's
+own thread at once: a lone request on an idle engine is not held back. Batches form from the requests that arrive
+while the engine runs (under load the engine is always busy, so they fill up by themselves); meanwhile the event
+loop keeps accepting and decoding the next requests (decoding happens before `submit`, in the decode pool, beside
+the engine). This is Triton's dynamic batcher with its default `max_queue_delay` of 0.
+
+`max_delay` (`--max-batch-delay-ms`, default 0) is an opt-in wait: with it, a batch that is not full leaves only
+when it is full or `max_delay` after its first request arrived, even on an idle engine. That trades up to
+`max_delay` of every lightly loaded request's latency for bigger batches when requests trickle in. The default
+0 is chosen because a lone request then pays no wait at all (5 ms, the former default, would be half of a Lite0
+request at concurrency 1 now, benchmarks/serve.py), while under load the busy engine fills the batches anyway: at
+concurrency 32, Lite0 batches held 13.9 images on average against 14.1-14.8 with 5 ms, at the same throughput
+within the noise (two servers side by side, rounds alternating).
+
+Requests of another image size stay queued, in order, for a later batch. A request larger than the batch limit
+runs alone (the engine splits it into chunks of its own batch size).
 
 Back-pressure: a request that would take the queue over `max_queue_images` is refused at once (`QueueFull`,
 answered 503 with Retry-After) instead of waiting behind work it cannot overtake. A request whose caller stopped
@@ -40,16 +54,17 @@ class QueueFull(ServerNotReady):
 @dataclass
 class _Request:
     images: np.ndarray  # (n, H, W, 3) float32
+    wanted: frozenset  # the output names this request asks for
     future: asyncio.Future
     arrived: float = field(default_factory=time.perf_counter)
 
 
 class Batcher:
-    """Merges concurrent `submit` calls into calls of `run(batch)`, run one at a time on a dedicated thread."""
+    """Merges concurrent `submit` calls into calls of `run(batch, wanted)`, one at a time on a dedicated thread."""
 
-    def __init__(self, run: Callable[[np.ndarray], tuple], *, max_batch_images: int, max_delay: float,
+    def __init__(self, run: Callable[[np.ndarray, frozenset], tuple], *, max_batch_images: int, max_delay: float,
                  max_queue_images: int, metrics=None):
-        self.run = run  # (N, H, W, 3) float32 -> tuple of arrays with N rows each
+        self.run = run  # ((N, H, W, 3) float32, wanted output names) -> tuple of arrays with N rows each (or None)
         self.max_batch_images = max_batch_images
         self.max_delay = max_delay
         self.max_queue_images = max_queue_images
@@ -65,13 +80,13 @@ class Batcher:
     def queued_images(self) -> int:
         return self._queued_images
 
-    async def submit(self, images: np.ndarray) -> tuple:
+    async def submit(self, images: np.ndarray, wanted: frozenset = frozenset()) -> tuple:
         """Run `images` in the next batch that has room; the rows of `run`'s outputs for them."""
         self._start()
         if self._queued_images + len(images) > self.max_queue_images and self._queue:
             raise QueueFull(f"the queue holds {self._queued_images} images, the limit is {self.max_queue_images} "
                             "(--max-queue-images); retry shortly")
-        request = _Request(images, asyncio.get_running_loop().create_future())
+        request = _Request(images, frozenset(wanted), asyncio.get_running_loop().create_future())
         self._queue.append(request)
         self._queued_images += len(images)
         self._report_depth()
@@ -102,7 +117,7 @@ class Batcher:
                 await self._wakeup.wait()
                 continue
             first = self._queue[0]
-            deadline = first.arrived + self.max_delay
+            deadline = first.arrived + self.max_delay  # already past when max_delay is 0: no wait
             while self._images_like(first) < self.max_batch_images and time.perf_counter() < deadline:
                 self._wakeup.clear()
                 try:
@@ -113,9 +128,10 @@ class Batcher:
             if not batch:
                 continue
             images = batch[0].images if len(batch) == 1 else np.concatenate([r.images for r in batch])
+            wanted = frozenset().union(*(r.wanted for r in batch))
             started = time.perf_counter()
             try:
-                outputs = await loop.run_in_executor(self._engine_thread, self.run, images)
+                outputs = await loop.run_in_executor(self._engine_thread, self.run, images, wanted)
             except Exception as error:  # noqa: BLE001 - the engine's failure is every batched request's failure
                 for request in batch:
                     if not request.future.done():

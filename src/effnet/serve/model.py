@@ -8,7 +8,8 @@ The SDK calls `__call__` (preprocess -> validate -> predict -> postprocess) for 
 binary tensors) and V2 gRPC alike; V1 bodies arrive as dicts, V2 requests as `InferRequest`. Outputs are named as
 the hub signatures: `feature_vector` (N, D) always, `logits` (N, classes) for classification modules. Both come
 from one engine call: the engine runs the "features" signature and the classifier (one linear layer) is applied
-to its output, so a client asking for both pays for one forward pass.
+to its output, so a client asking for both pays for one forward pass, and one asking for `feature_vector` only
+does not pay for the classifier (batches compute the outputs their requests asked for).
 
 Encoded images are decoded with the pipeline's own `Decoder` and `to_tensor` (the same recipe, resampling and
 float conversion as `effnet embed/classify`, so a file gives the same vector here as in a batch job), in the
@@ -49,7 +50,7 @@ class ServeSettings:
     engine: str = "auto"
     precision: str = "fp32"
     max_batch_images: int = 16  # images per engine call
-    max_delay: float = 0.005  # seconds the first request of a batch waits for others
+    max_delay: float = 0.0  # seconds a short batch waits for others on an idle engine (batching.py: opt-in)
     max_queue_images: int = 256  # images waiting before new requests get 503
     max_request_images: int = 64  # images in one request
     timeout: float = 30.0  # seconds a request may wait for its result
@@ -148,9 +149,13 @@ class EffnetModel(Model):
         return payload  # checked in preprocess, with messages that name the field
 
     async def predict(self, parsed: Parsed, headers=None) -> tuple[Parsed, np.ndarray, np.ndarray | None]:
-        images = np.stack([image.pixels for image in parsed.images])
+        if len(parsed.images) == 1:
+            images = parsed.images[0].pixels[None]  # a view, not a copy
+        else:
+            images = np.stack([image.pixels for image in parsed.images])
         try:
-            features, logits = await asyncio.wait_for(self.batcher.submit(images), self.settings.timeout)
+            features, logits = await asyncio.wait_for(self.batcher.submit(images, self._wanted(parsed)),
+                                                      self.settings.timeout)
         except asyncio.TimeoutError:
             raise RequestTimeout(f"no result within {self.settings.timeout:g} s (--timeout); the server is "
                                  "overloaded or the request too large") from None
@@ -200,25 +205,38 @@ class EffnetModel(Model):
         loop = asyncio.get_running_loop()
         if self.decode_pool is None:  # used without `effnet serve` or ray_serve, which size it (split_cores)
             self.decode_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="effnet-decode")
-        decoded = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, self.decoder.decode_bytes,
-                                                              image.encoded, ENCODED_FORMATS) for image in images))
+        decoded = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, self._decode_one, image.encoded)
+                                         for image in images))
         metrics = self.metrics
         metrics.images_encoded.inc(len(images))
-        for image, result in zip(images, decoded):
+        for image, (pixels, result) in zip(images, decoded):
             metrics.decode_seconds.observe(result.seconds)
             if result.error is not None:
                 raise BadInput(f"{image.name}: cannot decode the image: {result.error}")
-        # The batch stage's own uint8 -> float conversion, so the pixels equal effnet embed's bit for bit.
-        pixels = to_tensor([result.pixels for result in decoded]).permute(0, 2, 3, 1).numpy()  # (n, S, S, 3)
-        for image, array in zip(images, pixels):
-            image.pixels, image.encoded = array, None
+            image.pixels, image.encoded = pixels, None
 
-    def _run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """One engine call, on the engine thread: (N, H, W, 3) -> feature vectors and, with a classifier, logits."""
+    def _decode_one(self, data: bytes):
+        """One image's decode and float conversion, on a decode thread (one hop there and back, not two):
+        (float32 (S, S, 3) pixels or None, the Decoded result)."""
+        result = self.decoder.decode_bytes(data, ENCODED_FORMATS)
+        if result.error is not None:
+            return None, result
+        # The batch stage's own uint8 -> float conversion (elementwise, so one image at a time gives the same
+        # bits as a batch), so the pixels equal effnet embed's bit for bit.
+        return to_tensor([result.pixels]).permute(0, 2, 3, 1).numpy()[0], result
+
+    def _wanted(self, parsed: Parsed) -> frozenset:
+        """The outputs a request answers with: those it names (V2), else all (V1 answers with all, as TF Serving)."""
+        wanted = frozenset(parsed.outputs or self.outputs)
+        return (wanted | {"logits"}) if parsed.classification else wanted
+
+    def _run(self, images: np.ndarray, wanted: frozenset) -> tuple[np.ndarray, np.ndarray | None]:
+        """One engine call, on the engine thread: (N, H, W, 3) -> feature vectors and, when a request of the batch
+        wants them, logits (None otherwise)."""
         batch = torch.from_numpy(images).permute(0, 3, 1, 2)  # NCHW view in channels_last layout, as embed passes
         features = self.engine_(batch)
         logits = None
-        if self.classifier is not None:
+        if self.classifier is not None and "logits" in wanted:
             with torch.inference_mode():
                 logits = self.classifier(torch.from_numpy(np.ascontiguousarray(features))).numpy()
         return features, logits
