@@ -128,8 +128,8 @@ def search_rows(count: int, centres: np.ndarray, kinds: list[str], max_hnsw: int
 
 def speed_corpus(folder: Path, count: int, long_side: int, seed: int = 0) -> list[str]:
     """`count` distinct photo-sized JPEGs for timing: random crops (70-95 % of each side) of the wide corpus's real
-    photos, scaled so the longer side is `long_side`, with sensor-like noise (sigma 2 grey levels; upscaled
-    photos are otherwise smoother than a camera's, and cheaper to decode), quality 90."""
+    photos, scaled so the longer side is `long_side`, with sensor-like noise (uniform in +-3 grey levels, sd 2;
+    upscaled photos are otherwise smoother than a camera's, and cheaper to decode), quality 90."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -143,7 +143,7 @@ def speed_corpus(folder: Path, count: int, long_side: int, seed: int = 0) -> lis
         crop = image.crop((left, top, left + width, top + height))
         scale = long_side / max(crop.size)
         crop = crop.resize((round(crop.width * scale), round(crop.height * scale)), Image.Resampling.BILINEAR)
-        pixels = np.asarray(crop, dtype=np.float32) + rng.normal(0, 2, (crop.height, crop.width, 3))
+        pixels = np.asarray(crop, dtype=np.int16) + rng.integers(-3, 4, (crop.height, crop.width, 3), dtype=np.int16)
         path = folder / f"{number:05d}.jpg"
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
         paths.append(str(path))
