@@ -1,4 +1,4 @@
-"""Shared fixtures: real photos (scikit-image's samples), inputs at any size."""
+"""Shared fixtures: real photos (scikit-image's samples), inputs at any size, one torch thread."""
 
 from __future__ import annotations
 
@@ -44,3 +44,13 @@ def random_batch(n: int, height: int, width: int, seed: int = 0) -> torch.Tensor
 def lite0():
     import effnet
     return effnet.load("efficientnet_lite0")
+
+
+@pytest.fixture
+def one_thread():
+    """PyTorch on one intra-op thread for the test: on 2 shared cores OpenMP's barriers make 2 threads several
+    times slower than 1 (see test_finetune.py). Modules opt in with `pytestmark = usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -44,12 +43,7 @@ def automatic_choices(data: Path, out: Path) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_a_28_pixel_set_and_a_224_pixel_set_get_different_defaults_in_report_json(tmp_path):

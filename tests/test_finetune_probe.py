@@ -55,13 +55,7 @@ def digits_split(tmp_path_factory) -> tuple[Path, list[str], np.ndarray]:
     return root / "train", test_paths, digits.target[picked[TRAIN:]]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared cores: OpenMP's barriers make 2 threads several times slower than 1 (see test_finetune.py)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_probe_reaches_sklearn_best_c_on_the_same_lite0_features(digits_split, tmp_path):
