@@ -191,6 +191,38 @@ def test_openvino_runs_a_lone_image_on_its_own_unpadded_compile(models):
         np.testing.assert_array_equal(lone_requests[0].get_input_tensor(0).data, photos[index:index + 1].numpy())
 
 
+def test_openvino_runs_a_batch_smaller_than_a_full_round_as_lone_images(models):
+    """Lite0 at 224 px runs requests of 3 images on 2 streams: 2 images would run padded on one stream while the
+    other core idles, so they run as lone images on the batch-1 compile, one after the other, in order."""
+    model, photos, reference = models["lite0"]
+    engine = create_engine(model, "openvino", "fp32", input_size=(224, 224), batch_size=8)
+    assert engine._full_round(224, 224) == 6
+    lone_requests, _ = engine._compiled[(1, 1, 224, 224)]
+    ours = engine(photos[:2].numpy())
+    assert relative_error(ours, reference[:2]) <= FP32
+    np.testing.assert_array_equal(lone_requests[0].get_input_tensor(0).data, photos[1:2].numpy())  # the last one
+    eight = np.concatenate([photos.numpy()] * 2)  # a full round (and more) still runs as a batch
+    assert relative_error(engine(eight), np.concatenate([reference] * 2)) <= FP32
+    batch_requests, _ = engine._compiled[(3, 3, 224, 224)]
+    np.testing.assert_array_equal(batch_requests[0].get_input_tensor(0).data, eight[:3])
+
+
+def test_openvino_start_runs_a_lone_image_off_the_callers_thread(models):
+    """`start`: a future of the same answer, for a lone image only; a second start of the same size while the
+    first runs is refused (None), so the caller falls back to the blocking call instead of sharing a request."""
+    model, photos, reference = models["lite0"]
+    engine = create_engine(model, "openvino", "fp32", input_size=(224, 224), batch_size=8)
+    assert engine.start(photos[:2].numpy()) is None
+    first = engine.start(photos[:1].numpy())
+    second = engine.start(photos[1:2].numpy())
+    assert relative_error(first.result(timeout=60), reference[:1]) <= FP32
+    if second is not None:  # the first had already ended
+        assert relative_error(second.result(timeout=60), reference[1:2]) <= FP32
+    again = engine.start(photos[1:2].numpy())
+    assert again is not None and relative_error(again.result(timeout=60), reference[1:2]) <= FP32
+    assert create_engine(model, "torch", "fp32", input_size=(224, 224)).start(photos[:1].numpy()) is None
+
+
 def test_input_contract_errors(models):
     engine = create_engine(models["lite0"][0], "torch")
     with pytest.raises(TypeError, match="divide uint8 images by 255"):

@@ -1,7 +1,9 @@
 """The dynamic batcher, with a stand-in engine that records its calls: concurrent requests share calls, sizes are
 not mixed, every request gets its own rows back, a full queue refuses at once, abandoned requests cost nothing.
 With the default `max_delay` (0) a lone request on an idle engine runs at once, and batches form from the requests
-that arrive while the engine runs; a `max_delay` holds a short batch for company (opt-in)."""
+that arrive while the engine runs; a `max_delay` holds a short batch for company (opt-in). How a call is made:
+inline on the event loop (idle batcher, `inline` allows), the engine's own asynchronous call (a stalled one fails
+its batch only), else the engine thread; `LoneRequests` tells when requests come one at a time."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from effnet.serve.batching import Batcher, QueueFull
+from effnet.serve.batching import Batcher, LoneRequests, QueueFull
 from effnet.serve.model import ServeSettings
 
 DEFAULT_DELAY = ServeSettings().max_delay  # what `effnet serve` runs with unless --max-batch-delay-ms is given
@@ -177,3 +179,84 @@ def test_an_engine_error_fails_the_requests_of_that_batch_only():
 
     first, second = asyncio.run(main())
     assert all(isinstance(r, RuntimeError) for r in first) and second[0][0, 0] == 5.0
+
+
+def test_lone_requests_count_a_streak_and_probe_every_sixteenth():
+    lone = LoneRequests()
+    alone = []
+    for _ in range(40):  # one client: each request arrives after the last one left
+        lone.arrived()
+        alone.append(lone.alone)
+        lone.left()
+    assert [number for number, flag in enumerate(alone, 1) if not flag] == [1, 2, 3, 16, 32]
+    lone.arrived()
+    lone.arrived()  # a second request while one is in flight ends the streak
+    assert not lone.alone and lone.streak == 0
+    for _ in range(3):
+        lone.left()  # one more left() than arrived(): never below zero
+    assert lone.in_flight == 0
+
+
+def test_run_inline_runs_on_the_event_loop_only_when_the_batcher_is_idle():
+    gate, threads = threading.Event(), []
+
+    def engine(images, wanted):
+        threads.append(threading.get_ident())
+        if len(images) == 2:
+            gate.wait(10)  # the 2-image batch holds the engine thread until the test opens the gate
+        return images.mean(axis=(1, 2, 3))[:, None], None
+
+    async def main():
+        batcher = Batcher(engine, inline=lambda images: len(images) == 1, max_batch_images=8, max_delay=0.0,
+                          max_queue_images=100)
+        loop_thread = threading.get_ident()
+        features, _ = batcher.run_inline(_images(1, 0.5))
+        assert features[0, 0] == 0.5 and threads == [loop_thread]
+        assert batcher.run_inline(_images(2, 0.5)) is None  # `inline` says no
+        busy = asyncio.ensure_future(batcher.submit(_images(2, 0.25)))
+        for _ in range(LOOP_TURNS):
+            await asyncio.sleep(0)
+        assert not batcher.idle and batcher.run_inline(_images(1, 0.5)) is None  # the engine runs a batch
+        gate.set()
+        assert (await busy)[0][0, 0] == 0.25 and threads[-1] != loop_thread  # batches run on the engine thread
+        assert batcher.idle and batcher.run_inline(_images(1, 0.75))[0][0, 0] == 0.75
+        batcher.close()
+
+    asyncio.run(main())
+
+
+def test_the_engines_own_asynchronous_call_is_used_and_a_stalled_one_fails_its_batch_only():
+    """run_async: an awaitable when the engine has its own call for the batch (here: images of value 0), None to
+    use the engine thread (value 2); one that never ends (value 1) fails its requests after call_timeout."""
+    calls = []
+
+    def engine(images, wanted):
+        calls.append("thread")
+        return images.mean(axis=(1, 2, 3))[:, None], None
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        def run_async(images, wanted):
+            value = images[0, 0, 0, 0]
+            if value == 2:
+                return None
+            if value == 1:
+                return loop.create_future()  # never set: an engine that does not call back
+
+            async def finished():
+                calls.append("async")
+                return images.mean(axis=(1, 2, 3))[:, None], None
+            return finished()
+
+        batcher = Batcher(engine, run_async=run_async, call_timeout=0.2, max_batch_images=8, max_delay=0.0,
+                          max_queue_images=100)
+        assert (await batcher.submit(_images(1, 0.0)))[0][0, 0] == 0.0
+        assert (await batcher.submit(_images(1, 2.0)))[0][0, 0] == 2.0
+        with pytest.raises(TimeoutError, match="did not answer within 0.2 s"):
+            await batcher.submit(_images(1, 1.0))
+        assert (await batcher.submit(_images(1, 0.0)))[0][0, 0] == 0.0  # the batcher goes on
+        batcher.close()
+
+    asyncio.run(main())
+    assert calls == ["async", "thread", "async"]

@@ -7,6 +7,7 @@ one row per image. Batches larger than `engine.batch_size` are run in chunks of 
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import importlib
 import importlib.util
@@ -195,6 +196,13 @@ class Engine:
         if len(batch) <= self.batch_size:
             return self._run(batch)
         return np.concatenate([self._run(batch[i:i + self.batch_size]) for i in range(0, len(batch), self.batch_size)])
+
+    def start(self, images) -> concurrent.futures.Future | None:
+        """`self(images)` run by the engine's own threads while the caller goes on: a future of its result, or None
+        when this engine has no such call for these images (the caller then runs `self(images)` on a thread of its
+        own). For an event loop: it starts the call and is woken when it ends, with no thread of its own to hand
+        over to and back (OpenVINO, one image: see OpenVinoEngine.start)."""
+        return None
 
     def warm_up(self) -> None:
         """Prepare for `input_size` (compile, allocate) so the first real call is not the slow one."""

@@ -14,7 +14,14 @@ Why it is fast, and what effnet adds to OpenVINO's defaults (each measured in be
 - A lone image (a server answering one client at a time) runs on its own batch-1 compile in LATENCY mode: every
   core on that one image, nothing padded. Through the batch's requests it would run padded to `images_per_run`
   on one stream, i.e. one core: on 2 cores, B2 @ 260 took 21 ms instead of 52 ms, Lite0 @ 224 5 ms instead of
-  19-32 ms (the padded request of 3). For 2-5 images neither way was clearly faster, so only 1 is special.
+  19-32 ms (the padded request of 3). A batch too small to give every stream a full request (fewer than
+  streams x images per request, a server's batch at low concurrency) runs as lone images one after another,
+  for the same reason: on 2 cores, Lite0 @ 224 2 images took 12.3 ms instead of 27.9, 3 18.1 instead of 27.0,
+  4 18.7 instead of 23.1; B2 @ 260 2 images 52 instead of 76 ms, 3 81 instead of 100 (from 5 and 4 images on,
+  the batch path was as fast or faster).
+- `start` runs a lone image through OpenVINO's asynchronous call, on a second infer request of the same batch-1
+  compile: a server's event loop starts it and is woken by OpenVINO's callback, so no thread of the server's
+  is woken to run it and to answer back (two wake-ups of a sleeping thread, ~0.3 ms a request on 2 cores).
 - Precision is explicit: INFERENCE_PRECISION_HINT is set to what was asked (OpenVINO's CPU default is bf16 on
   CPUs with AVX512-BF16/AMX, i.e. silently not fp32), and read back after compiling: a CPU that cannot run the
   request (bf16 without AVX512-BF16/AMX, where OpenVINO quietly runs f32) is an error, not a silent change.
@@ -23,13 +30,14 @@ Why it is fast, and what effnet adds to OpenVINO's defaults (each measured in be
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 from collections import OrderedDict
 
 import numpy as np
 
 from . import artifacts, int8
-from .base import Engine, EngineUnavailableError, images_per_run, machine, require
+from .base import Engine, EngineUnavailableError, as_batch, images_per_run, machine, require
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 MAX_COMPILED_SHAPES = 8  # compiled models kept: four image sizes, each as batches and as a lone image
@@ -72,6 +80,8 @@ class OpenVinoEngine(Engine):
         self.run_images = run_images
         # (images per request, requests, height, width) -> (infer requests, images per request)
         self._compiled: OrderedDict[tuple[int, int, int, int], tuple[list, int]] = OrderedDict()
+        self._started: dict[tuple[int, int], object] = {}  # (height, width) -> start()'s own infer request
+        self._running: set[tuple[int, int]] = set()  # sizes whose start() call has not ended yet
         self.details = "static shapes, streams per core" + \
             (f", requests of {min(self.run_images_for(self.input_size), self.batch_size)} image(s)"
              if self.input_size else "") + ", a lone image on every core"
@@ -87,6 +97,11 @@ class OpenVinoEngine(Engine):
         super().warm_up()
         if self.input_size and self.batch_size > 1:
             self(np.zeros((1, 3, *self.input_size), np.float32))  # the lone image's own compile
+
+    def _full_round(self, height: int, width: int) -> int:
+        """Images that give every stream of the batch compile a full request: fewer run as lone images."""
+        per_request = min(self.batch_size, self.run_images_for((height, width)))
+        return self.streams_for(math.ceil(self.batch_size / per_request)) * per_request
 
     def _requests(self, height: int, width: int, lone: bool = False) -> tuple[list, int]:
         """(infer requests, images per request) for this image size, compiling it on first use. `lone`: for a
@@ -116,11 +131,51 @@ class OpenVinoEngine(Engine):
         entry = ([compiled.create_infer_request() for _ in range(requests)], per_request)
         self._compiled[key] = entry
         while len(self._compiled) > MAX_COMPILED_SHAPES:
-            self._compiled.popitem(last=False)
+            (per_request, requests, height, width), _ = self._compiled.popitem(last=False)
+            if per_request == requests == 1:  # start()'s request holds the same compile
+                self._started.pop((height, width), None)
         return entry
+
+    def start(self, images) -> concurrent.futures.Future | None:
+        """A lone image on OpenVINO's own threads (its asynchronous call on the batch-1 compile, LATENCY mode): a
+        future of `self(images)`. None for a batch, or while this size's previous call still runs (the caller
+        then uses `self(images)`). OpenVINO calls back only on success; a failed call leaves its size marked
+        running, so later calls of that size take the blocking path, which raises the error."""
+        batch = as_batch(images, want="numpy")
+        size = batch.shape[2], batch.shape[3]
+        if len(batch) != 1 or size in self._running:
+            return None
+        request = self._started.get(size)
+        if request is None:
+            lone_requests, _ = self._requests(*size, lone=True)
+            request = lone_requests[0].get_compiled_model().create_infer_request()
+            request.set_callback(self._finished, None)
+            self._started[size] = request
+        future = concurrent.futures.Future()
+        self._running.add(size)
+        try:  # the batch travels with the call: OpenVINO reads it in place (share_inputs) until the call ends
+            request.start_async({0: batch}, (future, request, size, batch), share_inputs=True)
+        except BaseException:
+            self._running.discard(size)
+            raise
+        return future
+
+    def _finished(self, userdata) -> None:
+        """OpenVINO's callback, on its own thread, when a `start` call has ended."""
+        future, request, size, _ = userdata
+        try:
+            output = request.get_output_tensor(0).data.copy()  # the request reuses its buffer
+        except Exception as error:  # noqa: BLE001 - reported to the caller, not lost on OpenVINO's thread
+            self._running.discard(size)
+            future.set_exception(error)
+            return
+        self._running.discard(size)
+        future.set_result(output)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         count = len(batch)
+        if 1 < count < self._full_round(batch.shape[2], batch.shape[3]):
+            return np.concatenate([self._run(batch[i:i + 1]) for i in range(count)])
         requests, per_request = self._requests(batch.shape[2], batch.shape[3], lone=count == 1)
         chunks = [batch[i:i + per_request] for i in range(0, count, per_request)]
         if len(chunks[-1]) < per_request:  # a short last chunk: padded to the compiled shape, not compiled again

@@ -123,7 +123,7 @@ def read_v2_request(body: bytes, json_length: int | None, model_name: str) -> In
         raise BadInput(f"the request is not valid JSON: {error}") from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise BadInput('the request must be a JSON object with a list of "inputs"')
-    inputs, raw, offset = [], [], json_length
+    inputs, raw, offset, view = [], [], json_length, memoryview(body)
     for index, spec in enumerate(header["inputs"]):
         if not isinstance(spec, dict) or not {"name", "shape", "datatype"} <= set(spec):
             raise BadInput(f'inputs[{index}] needs "name", "shape" and "datatype"')
@@ -138,7 +138,8 @@ def read_v2_request(body: bytes, json_length: int | None, model_name: str) -> In
             size = parameters["binary_data_size"]
             if not isinstance(size, int) or size < 0 or offset + size > len(body):
                 raise BadInput(f'input "{name}": binary_data_size {size!r} runs past the end of the body')
-            raw.append(body[offset:offset + size])
+            # Numeric tensors are read in place (np.frombuffer); BYTES elements must come out as bytes
+            raw.append(body[offset:offset + size] if spec["datatype"] == "BYTES" else view[offset:offset + size])
             offset += size
         else:
             raise BadInput(f'input "{name}" has neither "data" nor parameters.binary_data_size')

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -182,9 +183,9 @@ def _pixels(value, name: str) -> np.ndarray:
 
 
 def _checked_range(array: np.ndarray, name: str) -> np.ndarray:
-    if not np.isfinite(array).all():
+    low, high = float(array.min()), float(array.max())  # a NaN anywhere makes both NaN: two passes, not three
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise BadInput(f"{name}: pixels must be finite numbers in [0, 1]; found NaN or infinity")
-    low, high = float(array.min()), float(array.max())
     if low < 0 or high > 1:
         hint = " (divide 0-255 pixels by 255)" if high > 1 else ""
         raise BadInput(f"{name}: pixels must be in [0, 1], found values in [{low:g}, {high:g}]{hint}")

@@ -13,14 +13,16 @@ does not pay for the classifier (batches compute the outputs their requests aske
 
 Encoded images are decoded with the pipeline's own `Decoder` and `to_tensor` (the same recipe, resampling and
 float conversion as `effnet embed/classify`, so a file gives the same vector here as in a batch job), in the
-decode thread pool, beside the engine's thread. Only the formats in `ENCODED_FORMATS` are opened: requests are
-untrusted, and Pillow's other plug-ins (EPS via Ghostscript, for one) are not for the open internet.
+decode thread pool, beside the engine's thread (a lone small JPEG on an idle model: on the event loop, see
+`_decode`). Only the formats in `ENCODED_FORMATS` are opened: requests are untrusted, and Pillow's other plug-ins
+(EPS via Ghostscript, for one) are not for the open internet.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -31,11 +33,18 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from ..pipeline.batch import to_tensor
 from ..pipeline.decode import Decoder, recipe_for
-from .batching import Batcher
+from .batching import Batcher, LoneRequests
 from .inputs import BadInput, Parsed, parse_v1, parse_v2
 from .metrics import ModelMetrics
 
 ENCODED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow's JPEG opener also gives cameras' MPO files
+# A JPEG up to this size is decoded on the event loop itself when the model is idle (`_decode`): its decode time
+# follows its size (~17 us a KiB here, at most ~9 ms), unlike a PNG's, so the loop is held up for a bounded time.
+INLINE_DECODE_MAX_BYTES = 512 * 1024
+# A lone image's engine call runs on the event loop itself (batching.py) only when it took at most this long at
+# start-up: the loop, /metrics and health checks included, waits for it (Lite0 @ 224 ~5 ms, B2 @ 260 ~20 ms on
+# 2 cores).
+INLINE_CALL_MAX_SECONDS = 0.03
 OUTPUTS = ("feature_vector", "logits")
 
 
@@ -70,6 +79,9 @@ class EffnetModel(Model):
         # `engine_`, not `engine`: the SDK's model base class uses `self.engine` as a flag ("start an engine task").
         self.network = self.engine_ = self.decoder = self.batcher = None
         self.classifier = self.labels = None
+        self._pool_decodes = 0  # images of this model in the decode pool now
+        self.lone = LoneRequests()
+        self.lone_call_seconds = float("inf")  # one lone image's engine call, timed at load
 
     # -- life cycle -------------------------------------------------------------------------------------------
 
@@ -93,8 +105,11 @@ class EffnetModel(Model):
                                      **dict(settings.engine_options))
         self.classifier = network.classifier
         self.labels = getattr(network, "labels", None)
-        self.batcher = Batcher(self._run, max_batch_images=settings.max_batch_images, max_delay=settings.max_delay,
-                               max_queue_images=settings.max_queue_images, metrics=self.metrics)
+        self.lone_call_seconds = self._time_lone_call(size)
+        self.batcher = Batcher(self._run, run_async=self._run_async, inline=self._inline,
+                               max_batch_images=settings.max_batch_images, max_delay=settings.max_delay,
+                               max_queue_images=settings.max_queue_images, call_timeout=settings.timeout,
+                               metrics=self.metrics)
         self.ready = True
         return self.ready
 
@@ -126,6 +141,14 @@ class EffnetModel(Model):
     # -- the request path -------------------------------------------------------------------------------------
 
     async def preprocess(self, payload, headers=None) -> Parsed:
+        self.lone.arrived()  # until predict() ends (or this fails)
+        try:
+            return await self._parse_and_decode(payload)
+        except BaseException:
+            self.lone.left()
+            raise
+
+    async def _parse_and_decode(self, payload) -> Parsed:
         limit = self.settings.max_request_images
         parsed = parse_v2(payload, limit) if isinstance(payload, InferRequest) else parse_v1(payload, limit)
         if parsed.outputs:
@@ -153,12 +176,17 @@ class EffnetModel(Model):
             images = parsed.images[0].pixels[None]  # a view, not a copy
         else:
             images = np.stack([image.pixels for image in parsed.images])
+        wanted = self._wanted(parsed)
         try:
-            features, logits = await asyncio.wait_for(self.batcher.submit(images, self._wanted(parsed)),
-                                                      self.settings.timeout)
+            outputs = self.batcher.run_inline(images, wanted)
+            if outputs is None:
+                outputs = await asyncio.wait_for(self.batcher.submit(images, wanted), self.settings.timeout)
+            features, logits = outputs
         except asyncio.TimeoutError:
             raise RequestTimeout(f"no result within {self.settings.timeout:g} s (--timeout); the server is "
                                  "overloaded or the request too large") from None
+        finally:
+            self.lone.left()
         return parsed, features, logits
 
     async def postprocess(self, result, headers=None, response_headers=None):
@@ -202,11 +230,14 @@ class EffnetModel(Model):
         return np.array(rows, dtype=np.object_)
 
     async def _decode(self, images) -> None:
-        loop = asyncio.get_running_loop()
-        if self.decode_pool is None:  # used without `effnet serve` or ray_serve, which size it (split_cores)
-            self.decode_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="effnet-decode")
-        decoded = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, self._decode_one, image.encoded)
-                                         for image in images))
+        """Decode a request's encoded images in the decode pool, beside the engine; or, for a lone small JPEG when
+        the model is idle (nothing queued or running, no decode in the pool), on the event loop itself: then there
+        is nothing else for the loop to do, and the hand-over to a pool thread and back (two wake-ups of a
+        sleeping thread, ~0.3 ms on 2 cores) would be the request's only cost beyond the decode."""
+        if len(images) == 1 and self._pool_decodes == 0 and self.batcher.idle and _small_jpeg(images[0].encoded):
+            decoded = [self._decode_one(images[0].encoded)]
+        else:
+            decoded = await self._decode_in_pool(images)
         metrics = self.metrics
         metrics.images_encoded.inc(len(images))
         for image, (pixels, result) in zip(images, decoded):
@@ -215,8 +246,20 @@ class EffnetModel(Model):
                 raise BadInput(f"{image.name}: cannot decode the image: {result.error}")
             image.pixels, image.encoded = pixels, None
 
+    async def _decode_in_pool(self, images) -> list:
+        loop = asyncio.get_running_loop()
+        if self.decode_pool is None:  # used without `effnet serve` or ray_serve, which size it (split_cores)
+            self.decode_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="effnet-decode")
+        self._pool_decodes += len(images)
+        try:
+            return await asyncio.gather(*(loop.run_in_executor(self.decode_pool, self._decode_one, image.encoded)
+                                          for image in images))
+        finally:
+            self._pool_decodes -= len(images)
+
     def _decode_one(self, data: bytes):
-        """One image's decode and float conversion, on a decode thread (one hop there and back, not two):
+        """One image's decode and float conversion, in one go on a decode thread (one hop there and back, not
+        two) or on the event loop (`_decode`):
         (float32 (S, S, 3) pixels or None, the Decoded result)."""
         result = self.decoder.decode_bytes(data, ENCODED_FORMATS)
         if result.error is not None:
@@ -231,13 +274,47 @@ class EffnetModel(Model):
         return (wanted | {"logits"}) if parsed.classification else wanted
 
     def _run(self, images: np.ndarray, wanted: frozenset) -> tuple[np.ndarray, np.ndarray | None]:
-        """One engine call, on the engine thread: (N, H, W, 3) -> feature vectors and, when a request of the batch
-        wants them, logits (None otherwise)."""
-        batch = torch.from_numpy(images).permute(0, 3, 1, 2)  # NCHW view in channels_last layout, as embed passes
-        features = self.engine_(batch)
-        logits = None
-        if self.classifier is not None and "logits" in wanted:
-            with torch.inference_mode():
-                logits = self.classifier(torch.from_numpy(np.ascontiguousarray(features))).numpy()
-        return features, logits
+        """One engine call, on the engine thread (or on the event loop, batching.py): (N, H, W, 3) -> feature
+        vectors and, when a request of the batch wants them, logits (None otherwise)."""
+        features = self.engine_(_nchw(images))
+        return features, self._logits(features, wanted)
+
+    def _inline(self, images: np.ndarray) -> bool:
+        """Run this batch on the event loop itself: a lone image, requests coming one at a time, a short call."""
+        return len(images) == 1 and self.lone.alone and self.lone_call_seconds <= INLINE_CALL_MAX_SECONDS
+
+    def _time_lone_call(self, size: int) -> float:
+        """The faster of two lone-image engine calls (after the engine's own warm-up), in seconds."""
+        image = np.zeros((1, size, size, 3), np.float32)
+        times = []
+        for _ in range(2):
+            started = time.perf_counter()
+            self._run(image, frozenset())
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    def _run_async(self, images: np.ndarray, wanted: frozenset):
+        """`_run` as an awaitable where the engine can run these images on its own threads (Engine.start), else
+        None."""
+        started = self.engine_.start(_nchw(images))
+        return None if started is None else self._finish(asyncio.wrap_future(started), wanted)
+
+    async def _finish(self, started: asyncio.Future, wanted: frozenset) -> tuple[np.ndarray, np.ndarray | None]:
+        features = await started
+        return features, self._logits(features, wanted)
+
+    def _logits(self, features: np.ndarray, wanted: frozenset) -> np.ndarray | None:
+        if self.classifier is None or "logits" not in wanted:
+            return None
+        with torch.inference_mode():
+            return self.classifier(torch.from_numpy(np.ascontiguousarray(features))).numpy()
+
+
+def _small_jpeg(data: bytes) -> bool:
+    return len(data) <= INLINE_DECODE_MAX_BYTES and data[:3] == b"\xff\xd8\xff"
+
+
+def _nchw(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) -> an NCHW view in channels_last layout, as `effnet embed` passes its batches."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2)
 
