@@ -164,13 +164,14 @@ class OpenVinoEngine(Engine):
         """OpenVINO's callback, on its own thread, when a `start` call has ended."""
         future, request, size, _ = userdata
         try:
-            output = request.get_output_tensor(0).data.copy()  # the request reuses its buffer
-        except Exception as error:  # noqa: BLE001 - reported to the caller, not lost on OpenVINO's thread
-            self._running.discard(size)
+            output, error = request.get_output_tensor(0).data.copy(), None  # the request reuses its buffer
+        except Exception as caught:  # noqa: BLE001 - reported to the caller, not lost on OpenVINO's thread
+            output, error = None, caught
+        self._running.discard(size)  # before the caller hears of it: its next start() may follow at once
+        if error is None:
+            future.set_result(output)
+        else:
             future.set_exception(error)
-            return
-        self._running.discard(size)
-        future.set_result(output)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         count = len(batch)

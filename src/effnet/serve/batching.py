@@ -132,7 +132,7 @@ class Batcher:
     def run_inline(self, images: np.ndarray, wanted: frozenset = frozenset()) -> tuple | None:
         """`run`'s outputs for `images`, run right here on the event loop, when the batcher is idle and
         `inline(images)` allows it; else None (then `submit`)."""
-        if self._queue or self._running or self.inline is None or not self.inline(images):
+        if not self.idle or self.inline is None or not self.inline(images):
             return None
         started = time.perf_counter()
         self._running = True
