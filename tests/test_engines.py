@@ -191,6 +191,30 @@ def test_openvino_runs_a_lone_image_on_its_own_unpadded_compile(models):
         np.testing.assert_array_equal(lone_requests[0].get_input_tensor(0).data, photos[index:index + 1].numpy())
 
 
+def test_onnxruntime_runs_a_lone_image_on_a_session_with_every_cores_threads(models):
+    """With two workers of one thread each, a lone image would run on one core: it runs on a second session with
+    both cores' threads (made by warm_up), and its answer is still the module's; a batch keeps the workers."""
+    model, photos, reference = models["lite0"]
+    engine = create_engine(model, "onnxruntime", "fp32", input_size=(224, 224), batch_size=8, threads=2)
+    assert engine.streams == 2 and engine.session.get_session_options().intra_op_num_threads == 1
+    lone = engine._lone_session
+    assert lone.get_session_options().intra_op_num_threads == 2
+    shapes = []
+
+    class Recording:
+        def run(self, outputs, feeds):
+            shapes.append(feeds["images"].shape)
+            return lone.run(outputs, feeds)
+
+    engine._lone_session = Recording()
+    for index in range(len(photos)):
+        assert relative_error(engine(photos[index:index + 1].numpy()), reference[index:index + 1]) <= FP32
+    assert relative_error(engine(photos.numpy()), reference) <= FP32
+    assert shapes == [(1, 3, 224, 224)] * len(photos)  # the lone calls only
+    single = create_engine(model, "onnxruntime", "fp32", input_size=(224, 224), batch_size=8, threads=2, streams=1)
+    assert single._lone_session is None  # one worker already has every core
+
+
 def test_openvino_runs_a_batch_smaller_than_a_full_round_as_lone_images(models):
     """Lite0 at 224 px runs requests of 3 images on 2 streams: 2 images would run padded on one stream while the
     other core idles, so they run as lone images on the batch-1 compile, one after the other, in order."""
