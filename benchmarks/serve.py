@@ -22,46 +22,47 @@ For each model, on real JPEGs (scikit-image's sample photos and examples/photos,
   These three floors are timed before and after the rounds. "paired", the goal's column: in every round the
   lone floor is timed again just before the concurrency-1 point, and the round's p50 is divided by it; the
   median over the rounds (the machine's speed drifts by 10-30 % within minutes, and both sides of a paired
-  ratio see the same machine).
+  ratio see the same machine). (Finer pairing, blocks of 16 requests each right after the floor of its 16
+  images, read higher, not lower: the first requests after each block's idle pause meet caches the floor's own
+  engine has just used.)
 
 Goals (issue 10): at concurrency 32, >= 80% of (a) and >= 3x (b); at concurrency 1, p50 within 1.3x of one
-engine call plus decode. The clients run in this process, one thread and one keep-alive `http.client`
-connection each (see `closed_loop`), so they take CPU from the server too; on 2 cores that is a real share.
+engine call plus decode. The clients run in this process, one thread and one keep-alive libcurl handle each
+(`Client`, `closed_loop`), so they take CPU from the server too; on 2 cores that is a real share.
 Each point alternates between the two servers for --rounds rounds and keeps each one's fastest round; the
 ceiling and the floor are measured before and after and the best kept, so that load from other jobs falls on
 both sides instead of deciding the comparison.
 
-Measured on the 2-core development machine, 2026-12-01 07:13 UTC, no other job running (load average 1-7, the
+Measured on the 2-core development machine, 2026-12-01 11:04 UTC, no other job running (load average 1-3, the
 run's own servers): `python benchmarks/serve.py` (64 requests per point, best of 3 rounds, 128 distinct JPEGs;
-3.5 minutes). `--engine auto` picked OpenVINO fp32 for both models; 2 decode threads beside it. Model order:
-B2 @ 260, then Lite0 @ 224.
+5 minutes). The machine ran these models 2-3x faster than on the morning's runs (the Lite0 call 2.3-3.3 ms instead
+of 5-7 ms), and `--engine auto` picked ONNX Runtime fp32 for both models (it and OpenVINO timed within 5 % of each
+other); 2 decode threads beside it. Model order: B2 @ 260, then Lite0 @ 224.
 
-    efficientnet_b2@260   (a) effnet embed 38.9 img/s; one engine call 19.5 ms p50 (15.7 fastest), one decode 4.3 ms
-                          p50; lone floor (after a 2 ms gap) p50 BYTES 23.9 ms, FP32 19.6 ms
+    efficientnet_b2@260   (a) effnet embed 96.5 img/s; one engine call 8.0 ms p50 (7.6 fastest), one decode 2.6 ms
+                          p50; lone floor (after a 2 ms gap) p50 BYTES 10.6 ms, FP32 7.8 ms
     input  conc | serve img/s   p50 ms   p99 ms | naive img/s   p50 ms   p99 ms | vs (a) vs naive paired p50/lone p50/floor vs fastest
-    BYTES     1 |        42.1     23.1     29.5 |        14.4     68.0     83.7 |  108%     2.9x   0.94     0.97      0.98       1.23
-    BYTES     8 |        38.9    186.8    644.9 |        18.6    417.3    524.5 |  100%     2.1x
-    BYTES    32 |        51.9    549.1    851.5 |        15.6   1940.5   2521.6 |  134%     3.3x
-    FP32      1 |        52.3     18.5     23.2 |        18.0     53.5     69.3 |  135%     2.9x   1.11     0.94      0.95       1.18
-    FP32      8 |        57.3    131.0    238.7 |        19.8    398.5    505.0 |  147%     2.9x
-    FP32     32 |        57.2    513.5    613.4 |        16.5   1856.4   2371.2 |  147%     3.5x
-    efficientnet_lite0@224  (a) effnet embed 93.4 img/s; one engine call 6.5 ms p50 (5.0 fastest), one decode 3.5 ms
-                          p50; lone floor p50 BYTES 10.7 ms, FP32 6.3 ms
-    BYTES     1 |       108.8      8.8     14.7 |        31.3     31.2     37.6 |  116%     3.5x   1.07     0.83      0.86       1.19
-    BYTES     8 |       114.5     57.7    250.7 |        36.0    218.0    286.3 |  123%     3.2x
-    BYTES    32 |       129.4    200.0    320.4 |        29.3   1014.1   1468.6 |  139%     4.4x
-    FP32      1 |       141.6      6.9      9.0 |        32.9     30.1     38.5 |  152%     4.3x   1.25     1.09      1.07       1.39
-    FP32      8 |       152.7     51.9     82.8 |        40.9    193.3    239.3 |  164%     3.7x
-    FP32     32 |       174.7    161.3    208.4 |        33.4    857.4   1279.0 |  187%     5.2x
+    BYTES     1 |        88.1     10.9     20.5 |        24.8     40.0     43.0 |   91%     3.5x   1.08     1.03      1.03       1.15
+    BYTES     8 |        95.5     79.2    245.7 |        34.4    231.1    287.6 |   99%     2.8x
+    BYTES    32 |       101.8    276.0    426.9 |        25.8   1178.0   1576.2 |  106%     3.9x
+    FP32      1 |       107.2      8.8     19.5 |        23.8     40.9     63.4 |  111%     4.5x   1.17     1.13      1.10       1.16
+    FP32      8 |       117.6     64.9    111.7 |        36.5    217.1    259.8 |  122%     3.2x
+    FP32     32 |       120.9    232.3    344.9 |        28.1   1059.1   1453.0 |  125%     4.3x
+    efficientnet_lite0@224  (a) effnet embed 241.9 img/s; one engine call 3.3 ms p50 (3.2 fastest), one decode 1.6 ms
+                          p50; lone floor p50 BYTES 5.3 ms, FP32 3.3 ms
+    BYTES     1 |       147.6      6.5     10.8 |        30.2     32.9     35.9 |   61%     4.9x   1.12     1.23      1.32       1.51
+    BYTES     8 |       189.7     35.8    124.3 |        59.8    131.0    180.7 |   78%     3.2x
+    BYTES    32 |       220.6    116.0    224.6 |        46.1    634.8    963.2 |   91%     4.8x
+    FP32      1 |       224.8      4.0     11.3 |        32.5     30.8     33.8 |   93%     6.9x   1.28     1.20      1.23       1.26
+    FP32      8 |       249.9     27.1     67.9 |        60.8    130.1    182.8 |  103%     4.1x
+    FP32     32 |       272.1     99.4    131.4 |        50.0    595.9    877.2 |  112%     5.4x
 
-Against the goals: at concurrency 32, >= 80 % of (a) and >= 3x the naive server: met (134-187 %, 3.3-5.2x; a
-second run minutes later: 134-159 %, 3.7-4.8x). At concurrency 1, p50 within 1.3x of one engine call plus decode,
-"paired" (each round's p50 over the lone floor timed just before it, median of the rounds; the machine's speed
-drifts by 10-30 % within minutes, so a floor timed once before and once after compares with a different machine):
-BYTES, the case with a decode, holds for both (B2 0.94 / 1.04 in the two runs, Lite0 1.07 / 1.20); FP32, where
-the floor is the engine call alone, B2 1.11 / 1.13 and Lite0 1.25 / 1.35: Lite0's call is 5-7 ms and a request
-carrying 600 KB of pixels adds ~1.5 ms to it (the SDK's FastAPI stack ~0.7 ms of Python, the body's transfer and
-the client ~0.5-0.8 ms). docs/serving.md has the breakdown.
+Against the goals: at concurrency 32, >= 80 % of (a) and >= 3x the naive server: met (91-125 %, 3.9-5.4x; a run
+of the same server code at 10:55 UTC: 93-129 %, 3.9-5.9x). At concurrency 1, p50 within 1.3x of one engine call
+plus decode, "paired": BYTES, the case with a decode, holds for both (B2 1.08 / 1.09 in the two runs, Lite0
+1.12 / 1.15), FP32 for B2 (1.17 / 1.16); Lite0 FP32, whose floor is a 2.3-3.3 ms engine call alone, 1.28 / 1.36
+(four runs today: 1.28-1.40). What a request carrying 600 KB of pixels adds, ~0.7-0.9 ms, is mostly the Python of
+the SDK's HTTP stack running with caches the engine has just used: docs/serving.md has the breakdown.
 """
 
 from __future__ import annotations
@@ -149,23 +150,45 @@ class Point:
     p99_ms: float
 
 
-def closed_loop(url: str, payloads: list[tuple[bytes, dict]], concurrency: int, total: int) -> Point:
-    """`concurrency` clients, each sending its next request when the last one is answered, `total` in all.
+class Client:
+    """One keep-alive libcurl handle (pycurl): the thinnest real client, what `curl` itself runs, so that what is
+    timed is the server's. Measured on this machine against the same server, requests alternating: `requests` (even
+    with a Session) added ~1 ms of client-side Python per request, `http.client` ~0.1 ms more than libcurl (Lite0
+    FP32 at concurrency 1, 3.03 vs 2.91 ms p50: its Python response parsing runs with caches the engine just
+    used). Both servers get the same client."""
 
-    Each client is a thread with one keep-alive libcurl handle (pycurl): the thinnest real client, what `curl`
-    itself runs, so that what is timed is the server's. Measured on this machine against the same server, requests
-    alternating: `requests` (even with a Session) added ~1 ms of client-side Python per request, `http.client`
-    ~0.1 ms more than libcurl (Lite0 FP32 at concurrency 1, 3.03 vs 2.91 ms p50: its Python response parsing runs
-    with caches the engine just used). Both servers get the same client.
-    """
+    def __init__(self, url: str):
+        self.handle = pycurl.Curl()
+        self.handle.setopt(pycurl.URL, url)
+        self.handle.setopt(pycurl.TCP_NODELAY, 1)
+        self.answer = bytearray()
+        self.handle.setopt(pycurl.WRITEFUNCTION, self.answer.extend)
+
+    def post(self, body: bytes, headers: dict) -> float:
+        """Seconds from sending to the whole answer; an answer other than 200 is an error."""
+        self.answer.clear()
+        # "Expect:" off: libcurl would wait for a 100 Continue before sending a body over 1 KiB
+        self.handle.setopt(pycurl.HTTPHEADER, [f"{key}: {value}" for key, value in headers.items()] + ["Expect:"])
+        self.handle.setopt(pycurl.POSTFIELDS, body)
+        started = time.perf_counter()
+        self.handle.perform()
+        elapsed = time.perf_counter() - started
+        status = self.handle.getinfo(pycurl.RESPONSE_CODE)
+        if status != 200:
+            raise RuntimeError(f"{status}: {bytes(self.answer[:200])!r}")
+        return elapsed
+
+    def close(self):
+        self.handle.close()
+
+
+def closed_loop(url: str, payloads: list[tuple[bytes, dict]], concurrency: int, total: int) -> Point:
+    """`concurrency` clients, each a thread with its own `Client`, sending its next request when the last one is
+    answered, `total` in all."""
     latencies, errors, lock, next_index = [], [], threading.Lock(), [0]
 
     def client():
-        handle = pycurl.Curl()
-        handle.setopt(pycurl.URL, url)
-        handle.setopt(pycurl.TCP_NODELAY, 1)
-        answer = bytearray()
-        handle.setopt(pycurl.WRITEFUNCTION, answer.extend)
+        own = Client(url)
         try:
             while True:
                 with lock:
@@ -173,22 +196,16 @@ def closed_loop(url: str, payloads: list[tuple[bytes, dict]], concurrency: int, 
                     next_index[0] += 1
                 if index >= total:
                     return
-                body, headers = payloads[index % len(payloads)]
-                answer.clear()
-                # "Expect:" off: libcurl would wait for a 100 Continue before sending a body over 1 KiB
-                handle.setopt(pycurl.HTTPHEADER, [f"{key}: {value}" for key, value in headers.items()] + ["Expect:"])
-                handle.setopt(pycurl.POSTFIELDS, body)
-                started = time.perf_counter()
-                handle.perform()
-                elapsed = time.perf_counter() - started
-                status = handle.getinfo(pycurl.RESPONSE_CODE)
+                try:
+                    elapsed = own.post(*payloads[index % len(payloads)])
+                except (RuntimeError, pycurl.error) as error:
+                    with lock:
+                        errors.append(str(error))
+                    return
                 with lock:
-                    if status == 200:
-                        latencies.append(elapsed)
-                    else:
-                        errors.append(f"{status}: {bytes(answer[:200])!r}")
+                    latencies.append(elapsed)
         finally:
-            handle.close()
+            own.close()
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     started = time.perf_counter()
