@@ -10,7 +10,7 @@ import pytest
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
 
-from effnet.serve.inputs import BadInput, parse_v1, parse_v2
+from effnet.serve.inputs import BadInput, _checked_range, parse_v1, parse_v2
 
 
 def _image(height=2, width=3, value=0.5):
@@ -104,3 +104,19 @@ def test_v1_raw_bytes_bodies_are_json_and_v2_json_bytes_may_be_base64():
     tensor = InferInput("images", [1], "BYTES", data=["%%%"], parameters={"content_type": "base64"})
     with pytest.raises(BadInput, match=r"images\[0\].*base64"):
         parse_v2(_request(tensor), 8)
+
+
+@pytest.mark.parametrize("value, accepted", [
+    (0.0, True), (-0.0, True), (1.0, True), (np.nextafter(np.float32(1), np.float32(2)), False),
+    (1e-45, True), (np.nextafter(np.float32(0), np.float32(-1)), False), (-1.0, False), (255.0, False),
+    (float("inf"), False), (float("-inf"), False), (float("nan"), False), (-float("nan"), False),
+])
+def test_the_one_pass_range_check_accepts_exactly_0_to_1(value, accepted):
+    # the fast path reads bit patterns: every special value must land on the side min()/max() put it
+    image = np.full((3, 4, 3), 0.5, np.float32)
+    image[1, 2, 0] = value
+    if accepted:
+        assert _checked_range(image, "images[0]") is image
+    else:
+        with pytest.raises(BadInput, match=r"images\[0\]"):
+            _checked_range(image, "images[0]")

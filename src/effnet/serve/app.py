@@ -14,7 +14,8 @@ Checked against kserve 0.21's source (model_server.py, protocol/rest/, errors.py
   UTF-8, i.e. on every JPEG; (2) tritonclient sends a JSON body with no Content-Type, which the SDK's route then
   takes for a binary body and refuses (400, "the 'inference-header-content-length' header is missing").
   `read_v2_request` only splits the body at the lengths the header gives and keeps binary tensors as raw bytes,
-  which the SDK's `InferInput.as_numpy` decodes.
+  which the SDK's `InferInput.as_numpy` decodes; `read_body` first reads the body so that those tensors start
+  aligned (numpy's passes over a misaligned FP32 image were ~1.5-3x slower).
 - Responses by status code: the SDK's Prometheus histograms time the model's steps but count no responses, and
   none of its errors. `ResponseCounter` counts every inference response by model, protocol and code.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import re
 from http import HTTPStatus
 
+import numpy as np
 import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.encoders import jsonable_encoder
@@ -39,6 +41,7 @@ from .metrics import RESPONSES
 from .model import RequestTimeout
 
 RETRY_AFTER_SECONDS = 1
+ALIGNMENT = 64  # bytes: a cache line, and every SIMD width numpy uses
 # /v1/models/NAME:predict and /v2/models/NAME[/versions/V]/infer: the inference routes, by protocol
 _ROUTES = (("v1", re.compile(r"^/v1/models/([^/:]+):predict$")),
            ("v2", re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")))
@@ -113,7 +116,7 @@ def _route(path: str) -> tuple[str, str] | None:
     return None
 
 
-def read_v2_request(body: bytes, json_length: int | None, model_name: str) -> InferRequest:
+def read_v2_request(body: bytes | memoryview, json_length: int | None, model_name: str) -> InferRequest:
     """A V2 REST body -> InferRequest: a JSON header of `json_length` bytes (all of it when None), then the binary
     tensors, in input order, each `parameters.binary_data_size` bytes long."""
     json_length = len(body) if json_length is None else json_length
@@ -141,7 +144,7 @@ def read_v2_request(body: bytes, json_length: int | None, model_name: str) -> In
             if not isinstance(size, int) or size < 0 or offset + size > len(body):
                 raise BadInput(f'input "{name}": binary_data_size {size!r} runs past the end of the body')
             # Numeric tensors are read in place (np.frombuffer); BYTES elements must come out as bytes
-            raw.append(body[offset:offset + size] if spec["datatype"] == "BYTES" else view[offset:offset + size])
+            raw.append(bytes(view[offset:offset + size]) if spec["datatype"] == "BYTES" else view[offset:offset + size])
             offset += size
         else:
             raise BadInput(f'input "{name}" has neither "data" nor parameters.binary_data_size')
@@ -156,6 +159,27 @@ def read_v2_request(body: bytes, json_length: int | None, model_name: str) -> In
         if data is not None:
             tensor._raw_data = data  # what the SDK's own InferRequest(raw_inputs=...) sets; as_numpy() reads it
     return request
+
+
+async def read_body(request: Request, tensors_at: int) -> memoryview | bytes:
+    """The request body, read into a buffer placed so that byte `tensors_at` (where the V2 binary tensors begin,
+    after the JSON header) sits on a 64-byte boundary. Starlette's own join puts it anywhere, and numpy reads a
+    misaligned float32 tensor slower: on a 600 KB image out of cache, the range check 74 vs 27 us and the NHWC ->
+    NCHW copy the engine makes 126 vs 86 us. Same cost otherwise: one copy of each chunk, as the join makes. A body
+    with no Content-Length (chunked) is read as Starlette reads it."""
+    declared = request.headers.get("content-length")
+    if declared is None or not declared.isdigit():
+        return await request.body()
+    size = int(declared)  # BodyLimit has refused one over the limit; uvicorn ends the body at this length
+    storage = np.empty(size + ALIGNMENT, np.uint8)
+    start = -(storage.ctypes.data + tensors_at) % ALIGNMENT
+    body, filled = storage[start:start + size], 0
+    async for chunk in request.stream():
+        if filled + len(chunk) > size:
+            raise BadInput(f"the body is longer than its Content-Length of {size} bytes")
+        body[filled:filled + len(chunk)] = np.frombuffer(chunk, np.uint8)
+        filled += len(chunk)
+    return memoryview(body[:filled])
 
 
 def _too_large(what: str, limit: int) -> JSONResponse:
@@ -180,7 +204,8 @@ def install(app: FastAPI, max_request_bytes: int, model_names, dataplane, reposi
         length = raw_request.headers.get(INFERENCE_CONTENT_LENGTH_HEADER)
         if length is not None and not length.isdigit():
             raise BadInput(f"{INFERENCE_CONTENT_LENGTH_HEADER} must be a number of bytes, not {length!r}")
-        request = read_v2_request(await raw_request.body(), None if length is None else int(length), model_name)
+        json_length = None if length is None else int(length)
+        request = read_v2_request(await read_body(raw_request, json_length or 0), json_length, model_name)
         raw_response = Response()  # as FastAPI makes it for an endpoint: no length, filled in by the SDK
         del raw_response.headers["content-length"]
         answer = await endpoints.infer(raw_request, raw_response, model_name, request)

@@ -28,6 +28,9 @@ from kserve.errors import InvalidInput
 
 INPUT_NAME = "images"  # the hub signature's input name
 MAX_SIDE = 4096  # largest H or W accepted as float pixels (a 4096^2 x 3 float32 image is 200 MB already)
+# The bits of float32 1.0: a float32 in [0, 1] (but -0.0) reads as an unsigned integer in 0..ONE_BITS; a negative
+# number, NaN or an infinity reads as a larger one.
+ONE_BITS = int(np.float32(1).view(np.uint32))
 
 
 class BadInput(InvalidInput):
@@ -183,6 +186,10 @@ def _pixels(value, name: str) -> np.ndarray:
 
 
 def _checked_range(array: np.ndarray, name: str) -> np.ndarray:
+    # The common case in one integer pass: the largest bit pattern. On a 600 KB image out of cache 27 us against
+    # 56 for min() and max() (floats' reductions also test for NaN); the slow path below tells what is wrong.
+    if array.dtype == np.float32 and array.size and int(array.view(np.uint32).max()) <= ONE_BITS:
+        return array
     low, high = float(array.min()), float(array.max())  # a NaN anywhere makes both NaN: two passes, not three
     if not (math.isfinite(low) and math.isfinite(high)):
         raise BadInput(f"{name}: pixels must be finite numbers in [0, 1]; found NaN or infinity")
