@@ -368,14 +368,12 @@ def bench_model(key: str, photos: list[Path], folder: Path, total: int, rounds: 
             for _ in range(rounds):
                 for kind in ("BYTES", "FP32"):
                     for concurrency in CONCURRENCY:
-                        if concurrency == 1:  # the goal's ratio, `pairs` times: the same machine state on both sides
-                            for _ in range(pairs):
-                                floor_now = lone_floor(kind)
-                                point = closed_loop(ours_url, payloads[kind], concurrency, total)
+                        for _ in range(pairs if concurrency == 1 else 1):  # the goal's ratio, `pairs` times
+                            floor_now = lone_floor(kind) if concurrency == 1 else None
+                            point = closed_loop(ours_url, payloads[kind], concurrency, total)
+                            if floor_now:  # the same machine state on both sides of the ratio
                                 paired[kind].append(point.p50_ms / 1000 / floor_now)
-                                keep_best(("serve", kind, concurrency), point)
-                        else:
-                            keep_best(("serve", kind, concurrency), closed_loop(ours_url, payloads[kind], concurrency, total))
+                            keep_best(("serve", kind, concurrency), point)
                         keep_best(("naive", kind, concurrency),
                                   closed_loop(naive_urls[kind], naive_payloads[kind], concurrency, total))
             offline_ceiling_and_floor(engine, precision)
